@@ -105,7 +105,8 @@ class EngramConfig:
         if self.hc_sinkhorn_iters < 0:
             p.append(f"hc_sinkhorn_iters: must be >= 0, got {self.hc_sinkhorn_iters}")
         if self.hc_readout not in HC_READOUTS:
-            p.append(f"hc_readout: must be one of {', '.join(HC_READOUTS)}, got {self.hc_readout!r}")
+            p.append(f"hc_readout: must be one of {', '.join(HC_READOUTS)}, "
+                     f"got {self.hc_readout!r}")
         if self.moe_num_experts < 0:
             p.append(f"moe_num_experts: must be >= 0, got {self.moe_num_experts}")
         elif self.moe_num_experts and not 1 <= self.moe_top_k <= self.moe_num_experts:
