@@ -1,0 +1,62 @@
+"""The Engram module of one layer (ENGRAM_SPEC.md section 5): gather table rows, gate, ShortConv.
+
+Row ids come from ``engram_edit.hashing``; this module only reads ``embed.weight`` by row id.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram_edit.config import EngramConfig
+from engram_edit.model.norms import BranchRMSNorm
+
+
+class EngramModule(nn.Module):
+    def __init__(self, config: EngramConfig, num_rows: int):
+        super().__init__()
+        n, d, e = config.hc_mult, config.hidden_size, config.engram_input_dim
+        self.hc_mult, self.hidden = n, d
+        self.embed = nn.Embedding(num_rows, config.engram_head_dim)  # THE table
+        self.value_proj = nn.Linear(e, d)
+        self.key_proj = nn.Linear(e, n * d)  # branch b owns outputs b*d .. (b+1)*d-1
+        self.key_norm = BranchRMSNorm(n, d, eps=None)
+        self.query_norm = BranchRMSNorm(n, d, eps=None)
+        self.conv_norm = BranchRMSNorm(n, d, eps=1e-5)
+        self.dilation = config.engram_max_ngram_size
+        self.conv = nn.Conv1d(n * d, n * d, config.engram_kernel_size, groups=n * d,
+                              dilation=self.dilation, bias=False)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Table rows ``[..., C]`` -> their concatenation in column order ``[..., C*head_dim]``."""
+        return self.embed(rows).flatten(-2)
+
+    def value(self, e: torch.Tensor) -> torch.Tensor:
+        """``v = W_v e + b_v`` of gathered rows ``e [..., E]`` -> ``[..., hidden]``."""
+        return self.value_proj(e)
+
+    def short_conv(self, u: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise dilated conv over time of ``u [B, T, n, D]``, then SiLU."""
+        b, t, n, d = u.shape
+        x = self.conv_norm(u).reshape(b, t, n * d).transpose(1, 2)  # [B, n*D, T]
+        pad = (self.conv.kernel_size[0] - 1) * self.dilation
+        y = F.conv1d(F.pad(x, (pad, 0)), self.conv.weight, dilation=self.dilation,
+                     groups=n * d)  # [B, n*D, T]: exactly the first T outputs
+        return F.silu(y).transpose(1, 2).reshape(b, t, n, d)
+
+    def forward(self, streams: torch.Tensor,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output to add to ``streams [B, T, n, D]`` and the gates ``alpha [B, T, n]``."""
+        b, t, n, d = streams.shape
+        e = self.gather(rows)  # [B, T, E]
+        v = self.value(e)  # [B, T, D]
+        k = self.key_norm(self.key_proj(e).view(b, t, n, d))
+        q = self.query_norm(streams)
+        g = (k * q).sum(-1) / math.sqrt(d)  # [B, T, n]
+        g = g.sign() * g.abs().clamp_min(1e-6).sqrt()
+        alpha = torch.sigmoid(g)
+        u = alpha.unsqueeze(-1) * v.unsqueeze(-2)  # [B, T, n, D]
+        return u + self.short_conv(u), alpha
