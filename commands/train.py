@@ -44,6 +44,9 @@ def train_command(
                                        "float32, bfloat16 or float16.")] = "float32",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast for the forward pass.")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the training step: minutes to compile, faster after."
+    )] = False,
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -69,7 +72,8 @@ def train_command(
     settings = TrainSettings(tokens=tokens, minutes=minutes, batch_size=batch_size,
                              seq_len=seq_len, lr=lr, table_lr=table_lr, eval_every=eval_every,
                              checkpoint_seconds=checkpoint_minutes * 60, seed=seed,
-                             device=device, bf16=bf16, threads=threads, out_dtype=dtype)
+                             device=device, bf16=bf16, threads=threads, out_dtype=dtype,
+                             compile=compile)
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                TextColumn("valid {task.fields[valid]}"), TimeElapsedColumn(),

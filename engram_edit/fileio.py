@@ -81,6 +81,7 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, _default_mode())  # some writers create files 0o600
                 fsync_file(f)
         old = None
         if target.exists():
