@@ -1,0 +1,192 @@
+"""engram-edit split, join and convert-memory: ship the Engram tables apart from the backbone."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from commands._options import JsonOpt, MemoryOpt, ModelOpt
+from commands._output import Output, human_bytes
+from engram_edit.errors import BadInputError
+from engram_edit.paths import resolve_model
+from engram_edit.split import (
+    ConvertReport,
+    CopyProgress,
+    JoinReport,
+    SplitReport,
+    convert_memory,
+    join_model,
+    split_model,
+)
+
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Replace outputs that exist (model, memory or empty directories only).")]
+
+
+class RowDtypeChoice(str, Enum):
+    fp8 = "fp8"  # float8_e4m3 rows + E8M0 scale per 32 columns (ENGRAM_SPEC.md section 7)
+    bf16 = "bf16"
+    f16 = "f16"
+    f32 = "f32"
+
+
+@contextlib.contextmanager
+def _progress(output: Output, label: str) -> Iterator[Callable[[CopyProgress], None]]:
+    """A byte progress bar on stderr (only on a terminal and without --json)."""
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn()]
+    disable = output.json_mode or not output.err.is_terminal
+    with Progress(*columns, console=output.err, disable=disable, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(p: CopyProgress) -> None:
+            bar.update(task, completed=p.done, total=p.total)
+
+        yield update
+
+
+def _one(argument: Path | None, option: Path | None, name: str, flag: str) -> Path | None:
+    """The path given as ``argument`` or as ``flag`` (the same path twice is fine)."""
+    if argument is not None and option is not None and argument != option:
+        raise BadInputError(f"{name} is given twice ({argument} and {flag} {option}); "
+                            f"give one")
+    return argument if argument is not None else option
+
+
+def split_command(
+    out: Annotated[tuple[Path, Path], typer.Option(
+        "--out", metavar="BACKBONE MEMORY",
+        help="The two directories to create: the backbone, then the memory.")],
+    model_dir: Annotated[Path | None, typer.Argument(
+        metavar="MODEL", help="Model directory (same as --model).", show_default=False)] = None,
+    model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Split a model into a backbone and a pluggable memory (the Engram table rows).
+
+    The backbone keeps config.json, tokenizer.json and every weight but the
+    table rows; the memory gets memory.safetensors, tokenizer.json, memory.json
+    and the .engram/ history. Bytes are copied in 64 MB chunks; the outputs
+    appear only when complete, and the model is only read.
+
+    Examples:
+      engram-edit split my-model --out my-backbone my-memory
+      engram-edit split --model my-model --out out/bb out/mem --force --json
+    """
+    output = Output(json)
+    path = _one(model_dir, model, "MODEL", "--model") or resolve_model(None).path
+    with _progress(output, "split") as progress:
+        report = split_model(path, out[0], out[1], force=force, progress=progress,
+                             memory=memory)
+    output.result(asdict(report), lambda console: _render_split(console, report))
+
+
+def _render_split(console: Console, r: SplitReport) -> None:
+    console.print(f"wrote backbone {r.backbone}: {r.backbone_tensors} tensors, "
+                  f"{human_bytes(r.backbone_bytes)}")
+    console.print(f"wrote memory {r.memory}: {r.memory_tensors} tensors, {r.row_dtype} rows, "
+                  f"{human_bytes(r.memory_bytes)}"
+                  + (", with the .engram/ history" if r.history_copied else ""))
+    console.print(f"fingerprint {r.fingerprint}  ({r.seconds:.1f} s)")
+
+
+def join_command(
+    out: Annotated[Path, typer.Option(
+        "--out", metavar="MODEL", help="The model directory to create.")],
+    backbone_dir: Annotated[Path | None, typer.Argument(
+        metavar="BACKBONE", help="Backbone directory (same as --model).",
+        show_default=False)] = None,
+    memory_dir: Annotated[Path | None, typer.Argument(
+        metavar="MEMORY", help="Memory directory (same as --memory).",
+        show_default=False)] = None,
+    model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Plug a memory into its backbone and write the whole model.
+
+    The memory must have the backbone's fingerprint and geometry (layer ids,
+    rows, width); its row dtype may differ (a convert-memory output plugs in).
+    Every tensor comes out bit for bit as it was before split.
+
+    Examples:
+      engram-edit join my-backbone my-memory --out my-model
+      engram-edit join --model my-backbone --memory mem-fp8 --out model-fp8
+    """
+    output = Output(json)
+    backbone = _one(backbone_dir, model, "BACKBONE", "--model") or resolve_model(None).path
+    mem = _one(memory_dir, memory, "MEMORY", "--memory")
+    if mem is None:
+        raise BadInputError("join needs a memory directory: give MEMORY or --memory")
+    with _progress(output, "join") as progress:
+        report = join_model(backbone, mem, out, force=force, progress=progress)
+    output.result(asdict(report), lambda console: _render_join(console, report))
+
+
+def _render_join(console: Console, r: JoinReport) -> None:
+    console.print(f"wrote model {r.out}: {r.tensors} tensors, {r.row_dtype} rows, "
+                  f"{human_bytes(r.bytes)}"
+                  + (", with the .engram/ history" if r.history_copied else ""))
+    console.print(f"fingerprint {r.fingerprint}  ({r.seconds:.1f} s)")
+
+
+def convert_command(
+    dtype: Annotated[RowDtypeChoice, typer.Option(
+        "--dtype", help="Row dtype of the new memory; fp8 is E4M3 with an E8M0 scale per 32 "
+                        "columns.")],
+    out: Annotated[Path, typer.Option(
+        "--out", metavar="NEW", help="The memory directory to create.")],
+    memory_dir: Annotated[Path | None, typer.Argument(
+        metavar="MEMORY", help="Memory directory (same as --memory).",
+        show_default=False)] = None,
+    memory: MemoryOpt = None,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Write a copy of a memory with its rows in another dtype.
+
+    Rows are re-encoded chunk by chunk; the fingerprint stays, so the new
+    memory plugs into the same backbone. The .engram/ history is not carried
+    (its patches hold rows in the old dtype).
+
+    Examples:
+      engram-edit convert-memory my-memory --dtype fp8 --out my-memory-fp8
+      engram-edit convert-memory --memory my-memory --dtype bf16 --out mem-bf16
+    """
+    output = Output(json)
+    mem = _one(memory_dir, memory, "MEMORY", "--memory")
+    if mem is None:
+        raise BadInputError("convert-memory needs a memory directory: give MEMORY or --memory")
+    with _progress(output, "convert") as progress:
+        report = convert_memory(mem, dtype.value, out, force=force, progress=progress)
+    output.result(asdict(report), lambda console: _render_convert(console, report))
+
+
+def _render_convert(console: Console, r: ConvertReport) -> None:
+    console.print(f"wrote memory {r.out}: {r.rows:,} rows {r.from_dtype} -> {r.to_dtype}, "
+                  f"{human_bytes(r.bytes)}, largest change {r.max_abs_error:.3g}")
+    console.print(f"fingerprint {r.fingerprint}  ({r.seconds:.1f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("split")(split_command)
+    app.command("join")(join_command)
+    app.command("convert-memory")(convert_command)
