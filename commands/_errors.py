@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import traceback
 
-import click
 import typer
 
 from engram_edit.errors import BadInputError, EngramEditError, LockHeldError
@@ -53,11 +52,11 @@ def report(err: BaseException) -> int:
 class ErrorMappingGroup(typer.core.TyperGroup):
     """Runs a command and turns any library error into stderr lines and an exit code."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-            raise
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # usage errors and explicit exits keep typer's own handling (exit 2 for usage)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

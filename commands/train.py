@@ -14,7 +14,6 @@ from commands._output import Output
 from engram_edit.config import EngramConfig
 from engram_edit.errors import BadInputError
 from engram_edit.tokenizer import EngramTokenizer
-from engram_edit.train import TrainProgress, TrainSettings, train
 
 
 def train_command(
@@ -60,6 +59,8 @@ def train_command(
       engram-edit train --corpus build/corpus --out build/model --config cfg.json --minutes 40
       engram-edit train --corpus build/corpus --out build/model --minutes 40 --resume
     """
+    from engram_edit.train import TrainProgress, TrainSettings, train
+
     output = Output(json)
     tok = EngramTokenizer.from_file(tokenizer or corpus / "tokenizer.json")
     if config is not None:

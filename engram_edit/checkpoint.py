@@ -441,3 +441,10 @@ def describe_memory(mem: MemoryFiles) -> ModelInfo:
                      mem.tokenizer.vocab_size, mem.tokenizer.compressed_vocab_size, 0,
                      sum(mem.tensors[table_name(i)].numel for i in ids),
                      _tables_info(mem.config, mem.hasher, mem.tensors), _files_of(mem.path))
+
+
+def load_model(path: str | Path, memory: str | Path | None = None,
+               device: str | torch.device | None = None) -> tuple[ModelFiles, EngramModel]:
+    """Open a model directory (plus an optional split memory) and build its torch model."""
+    files = open_model(path, memory)
+    return files, build_model(files, device)

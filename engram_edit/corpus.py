@@ -524,10 +524,11 @@ def read_corpus(directory: Path, split: str) -> Iterator[str]:
     path = Path(directory) / f"{split}.jsonl"
     if not path.is_file():
         raise BadInputError(f"{path}: missing; build the corpus first (`engram-edit corpus`)")
-    return _iter_texts(path)
+    return read_texts(path)
 
 
-def _iter_texts(path: Path) -> Iterator[str]:
+def read_texts(path: Path) -> Iterator[str]:
+    """Yield the "text" of every line of a JSONL file, naming the line of any bad one."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             try:

@@ -71,8 +71,9 @@ def generate_ids(model: EngramModel, ids: list[int], settings: GenerationSetting
 
 
 def generate_text(model: EngramModel, tokenizer: EngramTokenizer, prompt: str,
-                  settings: GenerationSettings) -> Iterator[str]:
-    """Yield the completion as text pieces; joined they equal the decoded completion."""
+                  settings: GenerationSettings) -> Iterator[tuple[int, str]]:
+    """Yield (token id, new text) per generated token; the texts join to the decoded
+    completion. A token that ends inside a UTF-8 sequence yields "" until it completes."""
     ids = tokenizer.encode(prompt)
     new: list[int] = []
     emitted = ""
@@ -80,9 +81,7 @@ def generate_text(model: EngramModel, tokenizer: EngramTokenizer, prompt: str,
         new.append(token)
         text = tokenizer.decode(new)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            yield token, ""
             continue
-        yield text[len(emitted):]
+        yield token, text[len(emitted):]
         emitted = text
-    text = tokenizer.decode(new)
-    if len(text) > len(emitted):
-        yield text[len(emitted):]

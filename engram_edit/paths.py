@@ -30,6 +30,16 @@ def bundled_model_dir() -> Path:
     return Path(__file__).resolve().parent / "bundled" / "model"
 
 
+def bundled_probes_file() -> Path:
+    """Entity completions mined from the bundled model's training corpus."""
+    return Path(__file__).resolve().parent / "bundled" / "probes.jsonl"
+
+
+def bundled_heldout_file() -> Path:
+    """The bundled model's held-out validation documents (JSONL with "text")."""
+    return Path(__file__).resolve().parent / "bundled" / "heldout.jsonl"
+
+
 def working_copy_dir() -> Path:
     """The user's writable copy of the bundled model, made on the first write."""
     return data_dir() / "model"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from engram_edit.checkpoint import model_compression, save_model
 from engram_edit.config import EngramConfig
-from engram_edit.corpus import read_corpus
+from engram_edit.corpus import read_texts
 from engram_edit.errors import BadInputError
 from engram_edit.fileio import atomic_path, atomic_write_text
 from engram_edit.model import EngramModel, pick_device
@@ -96,10 +96,19 @@ class TrainResult:
 
 
 def tokenize_corpus(corpus: Path, tokenizer: EngramTokenizer, split: str) -> np.ndarray:
-    """One uint16/int32 stream of the split's documents, each followed by <eos>; cached."""
+    """One token stream of a corpus split (see ``tokenize_texts``)."""
     path = Path(corpus) / f"{split}.jsonl"
     if not path.is_file():
         raise BadInputError(f"{path}: missing (build the corpus with `engram-edit corpus`)")
+    return tokenize_texts(path, tokenizer)
+
+
+def tokenize_texts(path: Path, tokenizer: EngramTokenizer) -> np.ndarray:
+    """One uint16/int32 stream of a JSONL file's documents, each followed by <eos>; cached in
+    the user cache directory under the file's and the tokenizer's sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: file not found")
     key = hashlib.sha256(path.read_bytes() + tokenizer.sha256.encode()).hexdigest()[:24]
     cached = cache_dir() / "tokens" / f"{key}.npy"
     if cached.is_file():
@@ -107,7 +116,7 @@ def tokenize_corpus(corpus: Path, tokenizer: EngramTokenizer, split: str) -> np.
     eos = tokenizer.token_id("<eos>")
     if eos is None:
         raise BadInputError("tokenizer.json: no <eos> token to separate documents")
-    texts = list(read_corpus(corpus, split))
+    texts = list(read_texts(path))
     pieces = []
     for enc in tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False):
         pieces.append(np.asarray(enc.ids + [eos], dtype=np.int32))

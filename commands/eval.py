@@ -1,0 +1,73 @@
+"""engram-edit eval: how much of what the model knows lives in its memory (ablation)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
+from commands._output import Output
+from engram_edit.paths import bundled_heldout_file, bundled_probes_file, resolve_model
+
+
+def eval_command(
+    ablate: Annotated[bool, typer.Option(
+        "--ablate", help="Compare memory on and off (the default report).")] = True,
+    probes: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="JSONL of {prompt, target} factual completions. Default: the "
+        "entity completions mined from the bundled model's training corpus.")] = None,
+    heldout: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="JSONL of {text} held-out documents. Default: the bundled "
+        "model's validation split.")] = None,
+    windows: Annotated[int, typer.Option(help="Held-out windows of 256 tokens.")] = 32,
+    model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    device: DeviceOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Top-1 accuracy and loss with the memory on and off, on factual completions and on
+    plain held-out text.
+
+    facts: share of prompts whose greedy continuation is the whole target, and the targets'
+    mean per-token loss. text: next-token top-1 accuracy and loss on held-out windows. "kept"
+    is top-1 without memory divided by top-1 with it (the paper: factual QA keeps 29-44%,
+    reading comprehension 81-93%).
+
+    Examples:
+      engram-edit eval --ablate
+      engram-edit eval --probes my_probes.jsonl --json
+    """
+    import numpy as np
+
+    from engram_edit.checkpoint import load_model
+    from engram_edit.eval import METRICS_VERSION, fact_ablation, read_probes, text_ablation
+    from engram_edit.train import tokenize_texts
+
+    files, net = load_model(resolve_model(model).path, memory, device)
+    prompts, targets = read_probes(probes or bundled_probes_file())
+    stream = tokenize_texts(heldout or bundled_heldout_file(), files.tokenizer)
+    rows = [fact_ablation(net, files.tokenizer, prompts, targets),
+            text_ablation(net, np.asarray(stream), windows=windows)]
+    result = {"metrics_version": METRICS_VERSION,
+              "rows": [{**asdict(r), "kept": r.kept} for r in rows]}
+    Output(json).result(result, lambda console: _render(console, rows))
+
+
+def _render(console: Console, rows) -> None:
+    from rich.table import Table
+
+    table = Table(title="memory ablation", title_justify="left")
+    for name in ("set", "items", "top-1 memory on", "top-1 off", "kept", "loss on", "loss off"):
+        table.add_column(name, justify="right" if name != "set" else "left")
+    for r in rows:
+        table.add_row(r.name, f"{r.items:,}", f"{r.top1_memory:.3f}", f"{r.top1_no_memory:.3f}",
+                      f"{100 * r.kept:.0f}%", f"{r.loss_memory:.3f}", f"{r.loss_no_memory:.3f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
