@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import GOLDEN
 from engram_edit.config import EngramConfig
 from engram_edit.hashing import NgramHasher, explain, model_primes
 from engram_edit.tokenizer import EngramTokenizer

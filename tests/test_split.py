@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from commands.main import app
+from conftest import GOLDEN
 from engram_edit import split as split_module
 from engram_edit.checkpoint import (
     FINGERPRINT_KEY,

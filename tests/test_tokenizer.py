@@ -1,7 +1,7 @@
 import numpy as np
-from conftest import GOLDEN
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from conftest import GOLDEN
 from engram_edit.tokenizer import EngramTokenizer, build_compression, compression_normalizer
 
 
