@@ -145,6 +145,7 @@ class ModelFiles:
     hasher: NgramHasher
     tensors: dict[str, TensorLocation]  # table tensors point into the memory file when plugged
     memory: MemoryFiles | None = None
+    layout: str = "engram-edit"  # "v4": a DeepSeek-V4.1 directory read in place (layouts/)
 
     @property
     def memory_dir(self) -> Path:
@@ -250,8 +251,20 @@ def _memory_mismatch(backbone: EngramConfig, tokenizer: EngramTokenizer,
 
 
 def open_model(path: str | Path, memory: str | Path | None = None) -> ModelFiles:
-    """Read a model directory (and plug in a split memory) and check that everything fits."""
+    """Read a model directory (and plug in a split memory) and check that everything fits.
+
+    A DeepSeek-V4.1 directory is read in place by ``layouts.v4.open_model``; a demo-layout one
+    is refused with the ``import`` command that converts it (``layouts.detect``).
+    """
+    from engram_edit import layouts
+
     path = Path(path)
+    layout = layouts.detect(path)
+    if layout == layouts.v4.NAME:
+        return layouts.v4.open_model(path, memory)
+    if layout != layouts.OURS:
+        raise BadInputError(f"{path}: a {layout} layout directory; convert it first: "
+                            f"engram-edit import {path} --from {layout} --out DIR")
     _require_dir(path, "model", CONFIG_FILE)
     config = EngramConfig.from_json_file(path / CONFIG_FILE)
     tokenizer = EngramTokenizer.from_file(path / TOKENIZER_FILE)
@@ -288,6 +301,9 @@ def build_model(files: ModelFiles, device: str | torch.device | None = None) -> 
 
     from engram_edit.model import EngramModel, pick_device
 
+    if files.layout != "engram-edit":
+        raise BadInputError(f"{files.path}: a {files.layout} layout directory has no "
+                            f"engram-edit backbone to build; gates and generation need it")
     config = files.config
     model = EngramModel(config, model_compression(config, files.tokenizer))
     wanted = model.state_dict()
