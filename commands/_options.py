@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,3 +19,20 @@ JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print one JSON object on stdout, nothing else.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="torch device (cpu, cuda, cuda:1). Default: cuda when available, else cpu.")]
+
+
+class Placement(str, Enum):
+    """The choices of --placement (engram_edit.model.placement.PLACEMENTS)."""
+
+    gpu = "gpu"
+    host = "host"
+    mmap = "mmap"
+
+
+PlacementOpt = Annotated[Placement | None, typer.Option(
+    "--placement",
+    help="Where the Engram tables live while the model runs: gpu (on the model's device, "
+         "float32), host (CPU memory; the rows a batch needs are copied to the device), mmap "
+         "(read from the memory file on demand, for tables larger than RAM). Default: gpu if "
+         "the model runs on CUDA and fits in free GPU memory, else host; gpu on a CPU-only "
+         "machine.")]

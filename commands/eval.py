@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
+from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt, PlacementOpt
 from commands._output import Output
 from engram_edit.paths import bundled_heldout_file, bundled_probes_file, resolve_model
 
@@ -27,6 +27,7 @@ def eval_command(
     model: ModelOpt = None,
     memory: MemoryOpt = None,
     device: DeviceOpt = None,
+    placement: PlacementOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy and loss with the memory on and off, on factual completions and on
@@ -47,7 +48,8 @@ def eval_command(
     from engram_edit.eval import METRICS_VERSION, fact_ablation, read_probes, text_ablation
     from engram_edit.train import tokenize_texts
 
-    files, net = load_model(resolve_model(model).path, memory, device)
+    files, net = load_model(resolve_model(model).path, memory, device,
+                            placement and placement.value)
     prompts, targets = read_probes(probes or bundled_probes_file())
     stream = tokenize_texts(heldout or bundled_heldout_file(), files.tokenizer)
     rows = [fact_ablation(net, files.tokenizer, prompts, targets),

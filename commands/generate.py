@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
+from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt, PlacementOpt
 from commands._output import Output
 from engram_edit.paths import resolve_model
 
@@ -23,6 +23,7 @@ def generate(
     model: ModelOpt = None,
     memory: MemoryOpt = None,
     device: DeviceOpt = None,
+    placement: PlacementOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Print the prompt followed by its completion, streamed as tokens come.
@@ -45,7 +46,8 @@ def generate(
         from engram_edit.errors import BadInputError
 
         raise BadInputError(problems)
-    files, net = load_model(resolve_model(model).path, memory, device)
+    files, net = load_model(resolve_model(model).path, memory, device,
+                            placement and placement.value)
     out = Output(json)
     pieces, tokens = [], []
     if not json:

@@ -296,18 +296,31 @@ def _read_tensor(loc: TensorLocation) -> torch.Tensor:
         return f.get_tensor(loc.name)
 
 
-def build_model(files: ModelFiles, device: str | torch.device | None = None) -> EngramModel:
-    """Build the torch model from a model directory; tables are dequantized to float32."""
+def build_model(files: ModelFiles, device: str | torch.device | None = None,
+                placement: str | None = None) -> EngramModel:
+    """Build the torch model from a model directory.
+
+    ``placement`` says where the tables live (model/placement.py): "gpu", parameters on
+    ``device`` dequantized to float32; "host", CPU memory in their stored dtype; "mmap", read
+    from the file per forward, never whole. None: "gpu" on the CPU, or on CUDA when the whole
+    model in float32 fits in free device memory; else "host". Tables outside the model are not
+    in its ``state_dict()``.
+    """
 
     from engram_edit.model import EngramModel, pick_device
+    from engram_edit.model.placement import choose_placement, row_source
 
     if files.layout != "engram-edit":
         raise BadInputError(f"{files.path}: a {files.layout} layout directory has no "
                             f"engram-edit backbone to build; gates and generation need it")
     config = files.config
-    model = EngramModel(config, model_compression(config, files.tokenizer))
-    wanted = model.state_dict()
+    target = pick_device(device)
+    placement = choose_placement(placement, target,
+                                 4 * sum(loc.numel for loc in files.tensors.values()))
     table = files.table()
+    model = EngramModel(config, model_compression(config, files.tokenizer),
+                        row_source(placement, table))
+    wanted = model.state_dict()
     layer_ids = config.engram_layer_ids
     state: dict[str, torch.Tensor] = {}
     missing = []
@@ -329,7 +342,7 @@ def build_model(files: ModelFiles, device: str | torch.device | None = None) -> 
     if problems:
         raise MismatchError(problems)
     model.load_state_dict(state, strict=False)
-    return model.to(pick_device(device)).eval()
+    return model.to(target).eval()
 
 
 def _table_tensors(model: EngramModel, dtype: str) -> dict[str, torch.Tensor]:
@@ -338,6 +351,10 @@ def _table_tensors(model: EngramModel, dtype: str) -> dict[str, torch.Tensor]:
 
     from engram_edit.dtypes import encode_torch
 
+    placement = model.row_source.placement
+    if placement != "gpu":
+        raise BadInputError(f"the model's tables live outside it (placement {placement!r}); "
+                            f"build it with placement 'gpu' to save it")
     out = {}
     for i in model.config.engram_layer_ids:
         weight = model.state_dict()[table_name(i)].detach().float().cpu()
@@ -460,7 +477,9 @@ def describe_memory(mem: MemoryFiles) -> ModelInfo:
 
 
 def load_model(path: str | Path, memory: str | Path | None = None,
-               device: str | torch.device | None = None) -> tuple[ModelFiles, EngramModel]:
-    """Open a model directory (plus an optional split memory) and build its torch model."""
+               device: str | torch.device | None = None,
+               placement: str | None = None) -> tuple[ModelFiles, EngramModel]:
+    """Open a model directory (plus an optional split memory) and build its torch model
+    (``placement`` as in ``build_model``)."""
     files = open_model(path, memory)
-    return files, build_model(files, device)
+    return files, build_model(files, device, placement)

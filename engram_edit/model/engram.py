@@ -1,6 +1,7 @@
 """The Engram module of one layer (ENGRAM_SPEC.md section 5): gather table rows, gate, ShortConv.
 
-Row ids come from ``engram_edit.hashing``; this module only reads ``embed.weight`` by row id.
+Row ids come from ``engram_edit.hashing``; the rows come from a row source (placement.py): by
+default the module's own ``embed`` parameter.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ from torch import nn
 
 from engram_edit.config import EngramConfig
 from engram_edit.model.norms import BranchRMSNorm
+from engram_edit.model.placement import DeviceRows, RowSource
 
 
 class EngramModule(nn.Module):
-    def __init__(self, config: EngramConfig, num_rows: int):
+    """``source`` None: the module owns its table as ``embed`` and gathers from it (DeviceRows);
+    else ``embed`` is None and ``gather`` asks ``source`` for the rows of layer ``layer_id``."""
+
+    def __init__(self, config: EngramConfig, num_rows: int, layer_id: int = 0,
+                 source: RowSource | None = None):
         super().__init__()
         n, d, e = config.hc_mult, config.hidden_size, config.engram_input_dim
-        self.hc_mult, self.hidden = n, d
-        self.embed = nn.Embedding(num_rows, config.engram_head_dim)  # THE table
+        self.hc_mult, self.hidden, self.layer_id = n, d, layer_id
+        self.embed = (nn.Embedding(num_rows, config.engram_head_dim)  # THE table
+                      if source is None else None)
+        self.source = source if source is not None else DeviceRows({layer_id: self})
         self.value_proj = nn.Linear(e, d)
         self.key_proj = nn.Linear(e, n * d)  # branch b owns outputs b*d .. (b+1)*d-1
         self.key_norm = BranchRMSNorm(n, d, eps=None)
@@ -32,7 +40,7 @@ class EngramModule(nn.Module):
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Table rows ``[..., C]`` -> their concatenation in column order ``[..., C*head_dim]``."""
-        return self.embed(rows).flatten(-2)
+        return self.source.gather(self.layer_id, rows).flatten(-2)
 
     def value(self, e: torch.Tensor) -> torch.Tensor:
         """``v = W_v e + b_v`` of gathered rows ``e [..., E]`` -> ``[..., hidden]``."""

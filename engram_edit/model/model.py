@@ -1,6 +1,7 @@
 """EngramModel: token embedding, blocks (Engram, attention, MLP or MoE, each sublayer under a
 hyper-connection), final norm and LM head. Hashing is ``engram_edit.hashing``; weights on disk
-are ``engram_edit.checkpoint``'s business. ENGRAM_SPEC.md sections 4-6.
+are ``engram_edit.checkpoint``'s business; where the tables live is placement.py's.
+ENGRAM_SPEC.md sections 4-6.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from engram_edit.model.blocks import Attention, MoE, SwiGLU, rope_tables
 from engram_edit.model.engram import EngramModule
 from engram_edit.model.hyper import HyperConnection, LearnedReadout
 from engram_edit.model.norms import BranchRMSNorm, RMSNorm
+from engram_edit.model.placement import DeviceRows, RowSource
 
 
 @dataclass
@@ -32,10 +34,12 @@ class Block(nn.Module):
     """``X <- X + Engram(X)`` (Engram layers only), then attention and MLP, each under a
     hyper-connection."""
 
-    def __init__(self, config: EngramConfig, layer_id: int, engram_rows: int | None):
+    def __init__(self, config: EngramConfig, layer_id: int, engram_rows: int | None,
+                 source: RowSource | None):
         super().__init__()
         eps = config.rms_norm_eps
-        self.engram = EngramModule(config, engram_rows) if engram_rows is not None else None
+        self.engram = (EngramModule(config, engram_rows, layer_id, source)
+                       if engram_rows is not None else None)
         self.attn_norm = RMSNorm(config.hidden_size, eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, eps)
@@ -61,9 +65,14 @@ class EngramModel(nn.Module):
         config: the model's settings.
         compression: int64 table raw token id -> compressed id (length ``config.vocab_size``),
             kept as a non-persistent buffer; it and the config fix every layer's row count.
+        source: where the tables live (placement.py). None: they are parameters of the model,
+            ``layers.{i}.engram.embed.weight`` (DeviceRows). A HostRows or MmapRows source keeps
+            them outside: they are not parameters, not in ``state_dict()``, and ``.to()``
+            leaves them where they are.
     """
 
-    def __init__(self, config: EngramConfig, compression: np.ndarray):
+    def __init__(self, config: EngramConfig, compression: np.ndarray,
+                 source: RowSource | None = None):
         super().__init__()
         compression = np.asarray(compression)
         if compression.shape != (config.vocab_size,) or compression.dtype.kind not in "iu":
@@ -84,9 +93,16 @@ class EngramModel(nn.Module):
         self.register_buffer("compression", torch.from_numpy(compression.astype(np.int64)),
                              persistent=False)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if source is not None:
+            bad = source.mismatches({i: (self.hasher.rows_per_layer[i], config.engram_head_dim)
+                                   for i in config.engram_layer_ids})
+            if bad:
+                raise MismatchError(bad)
         self.layers = nn.ModuleList(
-            Block(config, i, self.hasher.rows_per_layer.get(i))
+            Block(config, i, self.hasher.rows_per_layer.get(i), source)
             for i in range(config.num_hidden_layers))
+        self.row_source = source if source is not None else DeviceRows(
+            {i: self.layers[i].engram for i in config.engram_layer_ids})
         self.readout = LearnedReadout(config) if config.hc_readout == "learned" else None
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (None if config.tie_word_embeddings else
@@ -177,6 +193,8 @@ class EngramModel(nn.Module):
             missing = sorted(set(self.config.engram_layer_ids) - set(rows))
             if missing:
                 raise BadInputError(f"rows: no row ids for Engram layer(s) {missing}")
+        if memory:
+            self.row_source.prefetch(rows)  # host placement: rows start moving to the device
         cos, sin = rope_tables(t, self.config.head_dim, self.config.rope_theta, ids.device)
         x = self.embed_tokens(ids)
         streams = x.unsqueeze(-2).expand(b, t, self.config.hc_mult, x.shape[-1])  # [B, T, n, D]
