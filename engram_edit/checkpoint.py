@@ -312,7 +312,8 @@ def build_model(files: ModelFiles, device: str | torch.device | None = None,
 
     if files.layout != "engram-edit":
         raise BadInputError(f"{files.path}: a {files.layout} layout directory has no "
-                            f"engram-edit backbone to build; gates and generation need it")
+                            f"engram-edit backbone to build (its rows decode through "
+                            f"layouts.lens; gates and generation need the whole network)")
     config = files.config
     target = pick_device(device)
     placement = choose_placement(placement, target,

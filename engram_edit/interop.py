@@ -1,26 +1,21 @@
 """import and export: engram-edit's layout <-> the demo and DeepSeek-V4.1 layouts, losslessly.
 
 Applies the declared tables of layouts/ to tensor bytes moved by offset in bounded chunks
-(split.py's writer); outputs are built beside their target and renamed last (fileio). The
-provenance file ``import.json`` (IMPORT_JSON below) lets export write the source layout back
-bit for bit. ENGRAM_SPEC.md section 7; DESIGN.md "Files on disk".
+(layouts/write.py, split.py's writer); outputs are built beside their target and renamed last
+(fileio). The provenance file ``import.json`` (IMPORT_JSON) lets export write the source layout
+back bit for bit. ENGRAM_SPEC.md section 7; DESIGN.md "Files on disk".
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from engram_edit import dtypes, layouts
+from engram_edit import layouts
 from engram_edit.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -52,20 +47,26 @@ from engram_edit.layouts.base import (
     read_config,
     weight_map,
 )
+from engram_edit.layouts.write import (
+    OutFile,
+    concat,
+    constant,
+    fp8_rows,
+    header_bytes,
+    matches,
+    piece,
+    write_files,
+)
 from engram_edit.memory import MemoryTable
 from engram_edit.split import (
-    CHUNK_BYTES,
-    CONVERT_VALUES,
     DEFAULT_METADATA,
-    CopyProgress,
-    Producer,
     ProgressFn,
     Source,
     TensorEntry,
     check_outputs,
     write_safetensors,
 )
-from engram_edit.tensorfile import TensorLocation, locate_tensors, pread_into, pwrite_all
+from engram_edit.tensorfile import TensorLocation, locate_tensors, read_range
 from engram_edit.tokenizer import EngramTokenizer
 
 IMPORT_JSON = "import.json"
@@ -99,122 +100,6 @@ class ExportReport:
     verbatim_headers: int  # files whose header is the source's, byte for byte
     requantized: list[int] = field(default_factory=list)  # layers re-encoded to FP8 (spec 7)
     seconds: float = 0.0
-
-
-# --- byte sources ----------------------------------------------------------------------------
-
-def _concat(parts: list[TensorLocation]) -> Producer:
-    """The bytes of ``parts`` one after the other, read in chunks (a Stack rule, imported)."""
-    def produce() -> Iterator[bytes]:
-        buf = bytearray(max(1, min(CHUNK_BYTES, max(p.nbytes for p in parts))))
-        for part in parts:
-            fd = os.open(part.path, os.O_RDONLY)
-            try:
-                for start in range(0, part.nbytes, len(buf)):
-                    n = min(len(buf), part.nbytes - start)
-                    pread_into(fd, memoryview(buf)[:n], part.offset + start, part.path)
-                    yield bytes(buf[:n])
-            finally:
-                os.close(fd)
-    return produce
-
-
-def _piece(loc: TensorLocation, index: int, count: int, shape: tuple[int, ...]) -> TensorLocation:
-    """Part ``index`` of ``count`` equal parts of a tensor's bytes (a Stack rule, exported)."""
-    size = loc.nbytes // count
-    return TensorLocation(loc.path, loc.name, loc.dtype, shape, loc.offset + index * size, size)
-
-
-def _constant(data: bytes) -> Producer:
-    return lambda: iter([data])
-
-
-def _fp8(table: MemoryTable, layer: int, part: str) -> Producer:
-    """A layer's rows re-encoded to FP8 per ENGRAM_SPEC.md section 7 (``part``: data or
-    scale), a chunk of rows at a time."""
-    def produce() -> Iterator[bytes]:
-        rows, width = table.num_rows(layer), table.width(layer)
-        step = max(1, CONVERT_VALUES // width)
-        for first in range(0, rows, step):
-            ids = np.arange(first, min(rows, first + step), dtype=np.int64)
-            data, scale = dtypes.encode("float8_e4m3", table.read_raw(layer, ids).values())
-            yield (data if part == "data" else scale).tobytes()
-    return produce
-
-
-class _Progress:
-    def __init__(self, total: int, progress: ProgressFn | None) -> None:
-        self.done, self.total, self.progress = 0, total, progress
-
-    def __call__(self, tensor: str, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress(CopyProgress(self.done, self.total, tensor))
-
-
-def _write_with_header(path: Path, header: bytes, sources: dict[str, Source],
-                       meter: _Progress) -> int:
-    """A safetensors file whose header is ``header`` byte for byte; each tensor's data goes to
-    the offsets that header gives it."""
-    entries = header_entries(header)
-    assert set(entries) == set(sources), f"{path}: tensors differ from the header's"
-    buf = memoryview(bytearray(CHUNK_BYTES))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        pwrite_all(fd, header, 0)
-        for name, (_, _, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
-            at, source = len(header) + begin, sources[name]
-            if isinstance(source, TensorLocation):
-                assert source.nbytes == end - begin, f"{name}: {source.nbytes} != {end - begin}"
-                src = os.open(source.path, os.O_RDONLY)
-                try:
-                    for start in range(0, source.nbytes, len(buf)):
-                        n = min(len(buf), source.nbytes - start)
-                        pread_into(src, buf[:n], source.offset + start, source.path)
-                        pwrite_all(fd, buf[:n], at + start)
-                        meter(name, n)
-                finally:
-                    os.close(src)
-                continue
-            done = 0
-            for chunk in source():
-                pwrite_all(fd, chunk, at + done)
-                done += len(chunk)
-                meter(name, len(chunk))
-            assert done == end - begin, f"{name}: produced {done} bytes, header says {end - begin}"
-    finally:
-        os.close(fd)
-    return os.stat(path).st_size
-
-
-@dataclass
-class _OutFile:
-    name: str
-    tensors: list[tuple[TensorEntry, Source]]
-    metadata: dict[str, str]
-    header: bytes | None = None  # the source file's header, when every entry still matches it
-
-
-def _write_files(out: Path, files: list[_OutFile], progress: ProgressFn | None) -> int:
-    meter = _Progress(sum(e.nbytes for f in files for e, _ in f.tensors), progress)
-    size = 0
-    for f in files:
-        if f.header is not None:
-            size += _write_with_header(out / f.name, f.header, {e.name: s for e, s in f.tensors},
-                                       meter)
-        else:
-            base = meter.done
-            size += write_safetensors(out / f.name, f.tensors, f.metadata, None if progress is None
-                                      else lambda p, b=base: progress(
-                                          CopyProgress(b + p.done, meter.total, p.tensor)))
-            meter.done = base + sum(e.nbytes for e, _ in f.tensors)
-    return size
-
-
-def _matches(header: bytes, tensors: list[tuple[TensorEntry, Source]]) -> bool:
-    entries = header_entries(header)
-    return len(entries) == len(tensors) and all(
-        e.name in entries and entries[e.name][:2] == (e.dtype, tuple(e.shape)) for e, _ in tensors)
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -267,7 +152,7 @@ def _demo_tensors(src: _Source) -> tuple[list[tuple[TensorEntry, Source]], list[
                     used.add(loc.name)
                     want = hasher.offsets[i].astype("<i8").tobytes()
                     if (loc.dtype, loc.nbytes) != (rule.dtype, len(want)) or \
-                            _read(loc) != want:
+                            read_range(loc, 0, loc.nbytes) != want:
                         problems.append(f"{src.path}: {loc.name} differs from the column "
                                         f"offsets of the hashing config")
                 continue
@@ -291,7 +176,7 @@ def _demo_tensors(src: _Source) -> tuple[list[tuple[TensorEntry, Source]], list[
                 problems.append(f"{src.path}: dtype not supported: {first.name} is "
                                 f"{first.dtype}; demo tables are {', '.join(demo.TABLE_DTYPES)}")
                 continue
-            source = _concat(parts) if len(parts) > 1 else first
+            source = concat(parts) if len(parts) > 1 else first
             out.append((TensorEntry(pre + rule.ours, first.dtype, shape), source))
     prefixes = tuple(demo.LAYER_PREFIX.format(i=i) for i in config.engram_layer_ids)
     rest = [loc for name, loc in sorted(locs.items()) if name not in used]
@@ -302,12 +187,6 @@ def _demo_tensors(src: _Source) -> tuple[list[tuple[TensorEntry, Source]], list[
     backbone = [(TensorEntry(loc.name, loc.dtype, tuple(loc.shape)), loc) for loc in rest]
     notes = _backbone_check(src, backbone)
     return out + backbone, notes
-
-
-def _read(loc: TensorLocation) -> bytes:
-    from engram_edit.tensorfile import read_range
-
-    return read_range(loc, 0, loc.nbytes)
 
 
 def _backbone_check(src: _Source, backbone: list[tuple[TensorEntry, Source]]) -> list[str]:
@@ -459,11 +338,6 @@ def read_provenance(model: Path) -> dict[str, Any] | None:
     return data
 
 
-def _header_bytes(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _config_text(files: ModelFiles, layout: str, prov: dict[str, Any] | None) -> str:
     """The source's own config.json text when it still says what the model's config says,
     else the model's config in the layout's keys (kept unmapped keys included)."""
@@ -483,7 +357,7 @@ def _config_text(files: ModelFiles, layout: str, prov: dict[str, Any] | None) ->
 
 
 def _demo_export(files: ModelFiles, prov: dict[str, Any] | None
-                 ) -> tuple[list[_OutFile], str, str | None]:
+                 ) -> tuple[list[OutFile], str, str | None]:
     config, n = files.config, files.config.hc_mult
     layer_prefixes = {demo.LAYER_PREFIX.format(i=i): i for i in config.engram_layer_ids}
     out: list[tuple[TensorEntry, Source]] = []
@@ -498,7 +372,7 @@ def _demo_export(files: ModelFiles, prov: dict[str, Any] | None
             if isinstance(rule, Derived):
                 data = files.hasher.offsets[i].astype("<i8").tobytes()
                 out.append((TensorEntry(pre + rule.source, rule.dtype, (config.engram_columns,)),
-                            _constant(data)))
+                            constant(data)))
                 continue
             loc = files.tensors.get(pre + rule.ours)
             if loc is None:
@@ -511,7 +385,7 @@ def _demo_export(files: ModelFiles, prov: dict[str, Any] | None
                                                                 *loc.shape[1:])
             for b in range(n):
                 name = pre + rule.source.format(b=b)
-                out.append((TensorEntry(name, loc.dtype, shape), _piece(loc, b, n, shape)))
+                out.append((TensorEntry(name, loc.dtype, shape), piece(loc, b, n, shape)))
     if problems:
         raise BadInputError(problems)
     for name, loc in sorted(files.tensors.items()):
@@ -519,33 +393,33 @@ def _demo_export(files: ModelFiles, prov: dict[str, Any] | None
             out.append((TensorEntry(name, loc.dtype, tuple(loc.shape)), loc))
     if prov is not None:  # a derived buffer the source did not store stays out
         stored = {t for text in prov["headers"].values()
-                  for t in header_entries(_header_bytes(text))}
+                  for t in header_entries(header_bytes(text))}
         out = [(e, s) for e, s in out if e.name in stored or not e.name.endswith(
             tuple(r.source for r in demo.ENGRAM_RULES if isinstance(r, Derived)))]
     return _place(out, prov), _config_text(files, demo.NAME, prov), prov["index"] if prov else None
 
 
 def _place(tensors: list[tuple[TensorEntry, Source]], prov: dict[str, Any] | None
-           ) -> list[_OutFile]:
+           ) -> list[OutFile]:
     """Tensors into the source's files when every file's entries still match its header,
     else into one fresh ``model.safetensors``."""
     if prov is not None and prov["headers"]:
         by_name = {e.name: (e, s) for e, s in tensors}
         files = []
         for name, text in sorted(prov["headers"].items()):
-            header = _header_bytes(text)
+            header = header_bytes(text)
             held = [by_name.pop(t) for t in header_entries(header) if t in by_name]
-            if not _matches(header, held):
+            if not matches(header, held):
                 break
-            files.append(_OutFile(name, held, header_metadata(header), header))
+            files.append(OutFile(name, held, header_metadata(header), header))
         else:
             if not by_name:
                 return files
-    return [_OutFile(WEIGHTS_FILE, tensors, dict(DEFAULT_METADATA))]
+    return [OutFile(WEIGHTS_FILE, tensors, dict(DEFAULT_METADATA))]
 
 
 def _v4_export(files: ModelFiles, prov: dict[str, Any] | None, table: MemoryTable
-               ) -> tuple[list[_OutFile], list[tuple[Path, str]], str, str | None, list[int]]:
+               ) -> tuple[list[OutFile], list[tuple[Path, str]], str, str | None, list[int]]:
     if prov is None or prov.get("layout") != v4.NAME:
         raise BadInputError(f"{files.path}: export --to v4 writes the rest of the network from "
                             f"the DeepSeek-V4.1 checkpoint this model was imported from, and "
@@ -562,14 +436,14 @@ def _v4_export(files: ModelFiles, prov: dict[str, Any] | None, table: MemoryTabl
     for ours, name in v4.wanted_tensors(files.config).items():
         layer = tables.get(ours, scales.get(ours))
         if layer in requantized:
-            served[name] = _fp8(table, layer, "data" if ours in tables else "scale")
+            served[name] = fp8_rows(table, layer, "data" if ours in tables else "scale")
         elif ours in files.tensors:
             served[name] = files.tensors[ours]
         elif ours in scales:
             raise BadInputError(f"{files.path}: missing tensor {ours}")
     index = json.loads(prov["index"])["weight_map"] if prov["index"] else None
     shard_names = sorted(set(index.values())) if index else [WEIGHTS_FILE]
-    out: list[_OutFile] = []
+    out: list[OutFile] = []
     copies: list[tuple[Path, str]] = []
     for shard in shard_names:
         if shard not in prov["headers"]:
@@ -577,7 +451,7 @@ def _v4_export(files: ModelFiles, prov: dict[str, Any] | None, table: MemoryTabl
                 raise BadInputError(f"{source}: missing shard {shard}")
             copies.append((source / shard, shard))
             continue
-        header = _header_bytes(prov["headers"][shard])
+        header = header_bytes(prov["headers"][shard])
         entries = header_entries(header)
         others = [name for name in entries if name not in served]
         from_source = locate_some(source, others) if others else {}
@@ -592,7 +466,7 @@ def _v4_export(files: ModelFiles, prov: dict[str, Any] | None, table: MemoryTabl
                                     f"{list(src.shape)}, the v4 layout needs {dtype} "
                                     f"{list(shape)}")
             held.append((TensorEntry(name, dtype, shape), src))
-        out.append(_OutFile(shard, held, header_metadata(header), header))
+        out.append(OutFile(shard, held, header_metadata(header), header))
     return out, copies, _config_text(files, v4.NAME, prov), prov["index"], requantized
 
 
@@ -654,7 +528,7 @@ def export_model(model: str | Path, layout: str, out: str | Path,
         with atomic_dir(out, replace=force) as tmp:
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
             shutil.copyfile(files.path / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-            size = _write_files(tmp, plan, progress)
+            size = write_files(tmp, plan, progress)
             if index_text is not None and len(plan) + len(copies) > 1:
                 (tmp / WEIGHTS_INDEX).write_text(index_text, encoding="utf-8")
             elif len(plan) + len(copies) > 1:
@@ -672,7 +546,7 @@ def export_model(model: str | Path, layout: str, out: str | Path,
                         time.monotonic() - t0)
 
 
-def _index(plan: list[_OutFile], copies: list[tuple[Path, str]]) -> str:
+def _index(plan: list[OutFile], copies: list[tuple[Path, str]]) -> str:
     weights = {e.name: f.name for f in plan for e, _ in f.tensors}
     for path, name in copies:
         weights.update(dict.fromkeys(layouts.base.header_entries(raw_header(path)), name))

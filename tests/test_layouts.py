@@ -399,3 +399,20 @@ def test_hasher_of_a_v4_directory_is_the_spec_hasher_with_seed_0(v4_dir):
     plain = NgramHasher(files.config, files.tokenizer.compressed_vocab_size, files.hasher.pad_id)
     assert all(np.array_equal(plain.multipliers[i], files.hasher.multipliers[i])
                for i in files.config.engram_layer_ids)
+
+
+def test_a_patch_applies_in_place_to_a_v4_directory_and_undoes_bit_for_bit(v4_dir, tmp_path):
+    from engram_edit.edit.journal import apply_patch, undo_patch
+    from engram_edit.edit.patch import LayerEdit, Patch
+
+    model = shutil.copytree(v4_dir, tmp_path / "v4")
+    files = open_model(model)
+    rows = np.array([2, 11])
+    values = np.float32(np.random.default_rng(4).standard_normal((2, 32)))
+    with files.table() as table:
+        edit = LayerEdit(1, rows, table.read_raw(1, rows), table.encode(1, values))
+    apply_patch(files, Patch(files.fingerprint(), [edit]), "fix")
+    with open_model(model).table() as table:
+        assert table.read_raw(1, rows).equals(edit.after)
+    undo_patch(open_model(model))
+    assert same_files(v4_dir, model) == []

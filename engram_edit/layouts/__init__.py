@@ -11,7 +11,7 @@ from typing import Any
 
 from engram_edit.errors import BadInputError
 from engram_edit.layouts import demo, v4
-from engram_edit.layouts.base import CONFIG_FILE, OURS, tensor_names
+from engram_edit.layouts.base import CONFIG_FILE, OURS, read_config, tensor_names
 
 LAYOUTS: dict[str, ModuleType] = {demo.NAME: demo, v4.NAME: v4}
 OUR_MODEL_TYPE = "engram"
@@ -48,8 +48,6 @@ def detect(path: str | Path) -> str:
         'v4'
     """
     path = Path(path)
-    from engram_edit.layouts.base import read_config
-
     if not (path / CONFIG_FILE).is_file():
         return OURS
     try:

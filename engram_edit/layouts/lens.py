@@ -10,24 +10,43 @@ removes up to its eps. ENGRAM_SPEC.md section 7.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
 from engram_edit import dtypes
 from engram_edit.errors import BadInputError
 from engram_edit.layouts import v4
-from engram_edit.tensorfile import TensorLocation, read_range
+from engram_edit.tensorfile import TensorLocation, pread_into, read_range
 
-HEAD_CHUNK_BYTES = 64 << 20  # LM head bytes per read: the V4.1 head is 1.3 GB of bf16
+HEAD_CHUNK_BYTES = 16 << 20  # LM head bytes per read: the V4.1 head is 1.3 GB of bf16
+assert sys.byteorder == "little", "safetensors data is little-endian; so must the host be"
 
 
 def _floats(loc: TensorLocation, first: int, count: int) -> np.ndarray:
-    """Rows ``first .. first+count`` of a float (BF16/F16/F32) matrix, or all of a vector."""
+    """Rows ``first .. first+count`` of a float (BF16/F16/F32) matrix as float32, or all of a
+    vector as ``[1, n]``; read straight into the result (bf16 bits land in the high halves of
+    the float32 words, which is their exact value)."""
     width = loc.shape[1] if len(loc.shape) > 1 else loc.shape[0]
     count = count if len(loc.shape) > 1 else 1
     name = dtypes.dtype_from_safetensors(loc.dtype)
-    d = dtypes.row_dtype(name)
-    raw = read_range(loc, first * width * d.itemsize, count * width * d.itemsize)
-    return dtypes.decode(name, np.frombuffer(raw, d.storage).reshape(count, width))
+    size = dtypes.row_dtype(name).itemsize
+    fd = os.open(loc.path, os.O_RDONLY)
+    try:
+        if name == "bfloat16":
+            out = np.zeros((count, width, 2), np.uint16)
+            bits = np.empty((count, width), np.uint16)
+            pread_into(fd, memoryview(bits.reshape(-1).view(np.uint8)),
+                       loc.offset + first * width * size, loc.path)
+            out[..., 1] = bits  # little-endian: the second uint16 is the high half
+            return out.view(np.float32).reshape(count, width)
+        raw = np.empty((count, width), dtypes.row_dtype(name).storage)
+        pread_into(fd, memoryview(raw.reshape(-1).view(np.uint8)),
+                   loc.offset + first * width * size, loc.path)
+        return dtypes.decode(name, raw)
+    finally:
+        os.close(fd)
 
 
 def _need(files, name: str) -> TensorLocation:
@@ -38,17 +57,21 @@ def _need(files, name: str) -> TensorLocation:
     return loc
 
 
-def value_projection(files, layer_id: int) -> np.ndarray:
-    """W_v of one Engram layer, float32 ``[hidden, columns * head_dim]``: the value rows of
-    ``wkv.weight``, FP8 blocks dequantized with ``wkv.scale`` (value = e4m3 * 2^(e - 127) per
-    32 x 32 block; the block indexing ``scale[r // 32, c // 32]`` is assumed from the shapes)."""
+def value_projection(files, layer_id: int, columns: list[int] | None = None) -> np.ndarray:
+    """W_v of one Engram layer, float32 ``[hidden, len(columns) * head_dim]`` (every column
+    when None): the value rows of ``wkv.weight``, FP8 blocks dequantized with ``wkv.scale``
+    (e4m3 * 2^(e - 127) per 32 x 32 block; the indexing ``scale[r // 32, c // 32]`` is assumed
+    from the shapes). Only those rows are read, only those columns decoded."""
     config = files.config
+    w = config.engram_head_dim
+    columns = list(range(config.engram_columns)) if columns is None else columns
+    inputs = np.concatenate([np.arange(k * w, (k + 1) * w) for k in columns])
     prefix = v4.LAYER_PREFIX.format(i=layer_id)
     wkv = _need(files, prefix + "wkv.weight")
     first, last = v4.wkv_rows(config)["value"]
     rows, cols = last - first, wkv.shape[1]
     if wkv.dtype != v4.TABLE_DTYPE:
-        return _floats(wkv, first, rows)
+        return _floats(wkv, first, rows)[:, inputs]
     scale = _need(files, prefix + "wkv.scale")
     if first % v4.FP8_BLOCK or rows % v4.FP8_BLOCK:
         raise BadInputError(f"{wkv.path}: {wkv.name}: the value rows {first}..{last} do not "
@@ -57,8 +80,8 @@ def value_projection(files, layer_id: int) -> np.ndarray:
     b = v4.blocks(cols)
     s = np.frombuffer(read_range(scale, first // v4.FP8_BLOCK * b, rows // v4.FP8_BLOCK * b),
                       np.uint8).reshape(rows // v4.FP8_BLOCK, b)
-    factor = np.repeat(np.repeat(dtypes.e8m0_decode(s), v4.FP8_BLOCK, 0), v4.FP8_BLOCK, 1)
-    return dtypes.e4m3_decode(q) * factor[:, :cols]
+    factor = np.repeat(dtypes.e8m0_decode(s)[:, inputs // v4.FP8_BLOCK], v4.FP8_BLOCK, 0)
+    return dtypes.e4m3_decode(q[:, inputs]) * factor
 
 
 def lens_probs(files, layer_id: int, columns: list[int], rows: np.ndarray) -> np.ndarray:
@@ -92,8 +115,8 @@ def lens_probs(files, layer_id: int, columns: list[int], rows: np.ndarray) -> np
     if x.ndim != 3 or x.shape[1:] != (len(columns), w):
         raise BadInputError(f"layer {layer_id}: rows must be [N, {len(columns)}, {w}], got "
                             f"shape {list(x.shape)}")
-    weight = value_projection(files, layer_id).reshape(config.hidden_size, c, w)
-    v = np.einsum("dkw,nkw->nd", weight[:, columns, :], x)  # [N, hidden]
+    weight = value_projection(files, layer_id, columns)  # [hidden, len(columns) * w]
+    v = x.reshape(len(x), -1) @ weight.T  # [N, hidden]
     norm = _floats(_need(files, "norm.weight"), 0, 1)[0]
     h = v / np.sqrt(np.mean(np.square(v), axis=-1, keepdims=True) + config.rms_norm_eps) * norm
     head = _need(files, "lm_head.weight")
