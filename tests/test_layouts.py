@@ -416,3 +416,20 @@ def test_a_patch_applies_in_place_to_a_v4_directory_and_undoes_bit_for_bit(v4_di
         assert table.read_raw(1, rows).equals(edit.after)
     undo_patch(open_model(model))
     assert same_files(v4_dir, model) == []
+
+
+def test_the_hasher_of_a_v4_directory_stops_lookback_at_blocked_tokens(v4_dir):
+    files = open_model(v4_dir)
+    assert isinstance(files.hasher, v4.BlockingHasher)
+    h = files.hasher
+    blocking = v4.BlockingHasher(files.config, h.compressed_vocab_size, h.pad_id, [7])
+    ids = np.array([[3, 7, 4, 5, 6], [1, 2, 3, 4, 5]])
+    rows = blocking.rows(ids)
+    for lid in h.layer_ids:
+        for b in range(2):
+            want = v4.hash_rows(h, ids[b], ids[b] == 7)[lid]
+            np.testing.assert_array_equal(rows[lid][b], want)
+        np.testing.assert_array_equal(rows[lid][1], h.rows(ids[1:])[lid][0])  # nothing blocked
+        torch_rows = blocking.rows(torch.from_numpy(ids))[lid]
+        np.testing.assert_array_equal(torch_rows.numpy(), rows[lid])
+    assert not np.array_equal(rows[1][0], h.rows(ids[:1])[1][0])

@@ -9,6 +9,7 @@ deepseek_v41.py); what they do not settle is marked "assumed". ENGRAM_SPEC.md se
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from engram_edit.layouts.base import (
 )
 from engram_edit.tensorfile import TensorLocation
 from engram_edit.tokenizer import EngramTokenizer
+
+logger = logging.getLogger(__name__)
 
 NAME = "v4"
 TITLE = "DeepSeek-V4.1 (sharded safetensors, FP8 Engram tables)"
@@ -204,6 +207,48 @@ def hash_rows(hasher: NgramHasher, compressed_ids: np.ndarray,
     return out
 
 
+class BlockingHasher(NgramHasher):
+    """The spec's hasher with V4.1's lookback rule: a position holding a blocked token is dead,
+    and no n-gram reaches over it (``hash_rows``). Dead positions are known by their compressed
+    ids, which is exact while no other token compresses to a blocked token's id (logged when
+    one does). numpy and torch inputs; without blocked tokens it is ``NgramHasher`` itself."""
+
+    def __init__(self, config: EngramConfig, compressed_vocab_size: int, pad_id: int,
+                 dead_ids: list[int]):
+        super().__init__(config, compressed_vocab_size, pad_id)
+        self.dead_ids = np.array(sorted(set(dead_ids)), dtype=np.int64)
+
+    @classmethod
+    def for_tokenizer(cls, config: EngramConfig, tokenizer: EngramTokenizer) -> BlockingHasher:
+        table = tokenizer.compression
+        blocked = [b for b in PROFILE.blocked_token_ids if b < len(table)]
+        dead = table[blocked].tolist()
+        shared = int(np.isin(table, dead).sum()) - len(blocked)
+        if shared:
+            logger.warning("%d token(s) share a compressed id with a blocked token; they are "
+                           "treated as blocked too", shared)
+        return cls(config, tokenizer.compressed_vocab_size,
+                   int(table[config.engram_pad_token_id]), dead)
+
+    def slots(self, compressed_ids: Any) -> dict[int, Any]:
+        if not len(self.dead_ids):
+            return super().slots(compressed_ids)
+        is_torch = not isinstance(compressed_ids, np.ndarray)
+        ids = compressed_ids.detach().cpu().numpy() if is_torch else compressed_ids
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1, ids.shape[-1])
+        out = {lid: np.empty((*flat.shape, self.columns), np.int64) for lid in self.layer_ids}
+        for k, row in enumerate(flat):
+            rows = hash_rows(self, row, np.isin(row, self.dead_ids))
+            for lid in self.layer_ids:
+                out[lid][k] = rows[lid] - self.offsets[lid]
+        shaped = {lid: a.reshape(*ids.shape, self.columns) for lid, a in out.items()}
+        if not is_torch:
+            return shaped
+        import torch
+
+        return {lid: torch.from_numpy(a).to(compressed_ids.device) for lid, a in shaped.items()}
+
+
 # --- reading a V4.1 directory in place -----------------------------------------------------
 
 def wanted_tensors(config: EngramConfig) -> dict[str, str]:
@@ -295,7 +340,7 @@ def open_model(path: str | Path, memory: str | Path | None = None):
     path = Path(path)
     config, _ = open_config(path)
     tokenizer = EngramTokenizer.from_file(path / ck.TOKENIZER_FILE)
-    hasher = NgramHasher.for_tokenizer(config, tokenizer)
+    hasher = BlockingHasher.for_tokenizer(config, tokenizer)
     problems = ck._derived_problems(config, tokenizer, hasher, str(path / CONFIG_FILE))
     if problems:
         raise MismatchError(problems)
