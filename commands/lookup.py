@@ -195,7 +195,8 @@ def _render_gates(console: Console, r: GatesResult) -> None:
                   + (f", after {_show(r.context)}" if r.context else ""))
     width = max(len(f"layer {g.layer_id}") for g in r.layers) + 2
     for layer in r.layers:
-        line = Text(f"layer {layer.layer_id}".ljust(width), style="bold")
+        line = Text()
+        line.append(f"layer {layer.layer_id}".ljust(width), style="bold")
         for token, value in zip(r.tokens, layer.values, strict=True):
             red, green, blue = _colour(value)
             line.append(_cell(token), style=f"black on rgb({red},{green},{blue})")
