@@ -318,7 +318,13 @@ def test_v4_lookback_stops_at_blocked_tokens(v4_dir):
                     col = h.column(n, j)
                     want = mix % int(h.primes[lid][col]) + int(h.offsets[lid][col])
                     assert got[lid][t, col] == want
-    assert v4.dead_positions(np.array([5, 129264, 7, 129265])).tolist() == [0, 1, 0, 1]
+    from tokenizers import AddedToken
+
+    tokenizer = open_model(v4_dir).tokenizer
+    assert v4.blocked_ids(tokenizer) == []
+    tokenizer.tokenizer.add_special_tokens([AddedToken(t, special=True)
+                                            for t in v4.PROFILE.blocked_tokens])
+    assert v4.blocked_ids(tokenizer) == [500, 501]
 
 
 def test_v4_lens_reads_the_value_rows_of_wkv_and_the_head(v4_dir):

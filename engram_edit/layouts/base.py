@@ -73,7 +73,7 @@ class HashingProfile:
 
     name: str
     seed: int | None  # the multiplier seed; None: the config's own (engram_seed)
-    blocked_token_ids: tuple[int, ...] = ()  # raw ids whose position stops the lookback
+    blocked_tokens: tuple[str, ...] = ()  # tokens whose position stops the lookback
     verified: str = ""  # what each rule was checked against
 
 

@@ -45,8 +45,9 @@ FLOAT_DTYPES = ("BF16", "F32", "F16")
 PROFILE = HashingProfile(
     name="deepseek-v4.1",
     seed=0,  # multipliers from default_rng(10007 * layer_id): the spec's rule with seed 0
-    # <｜deepseek_image｜> and its alignment pad: image-span positions are "dead" for Engram
-    blocked_token_ids=(129264, 129265),
+    # the image token and its alignment pad (ids 129264, 129265 in V4.1's tokenizer): every
+    # image-span position carries one of them and is "dead" for Engram
+    blocked_tokens=("<｜deepseek_image｜>", "<|place_holder_mm_span_0436|>"),
     verified="vllm-project/vllm vllm/models/deepseek_v4_1/common/engram.py "
              "(build_compressed_token_map, compute_hash_multipliers, EngramLayout, "
              "_hash_ids_kernel) and common/mm_preprocess.py (image_sentinel_mask)")
@@ -172,9 +173,10 @@ def blocks(n: int) -> int:
 
 # --- hashing with blocked tokens ------------------------------------------------------------
 
-def dead_positions(raw_ids: np.ndarray) -> np.ndarray:
-    """bool [T]: positions holding a blocked token (an image-span token) of the profile."""
-    return np.isin(np.asarray(raw_ids), PROFILE.blocked_token_ids)
+def blocked_ids(tokenizer: EngramTokenizer) -> list[int]:
+    """Raw ids of the profile's blocked tokens in ``tokenizer`` (those it has)."""
+    found = (tokenizer.token_id(t) for t in PROFILE.blocked_tokens)
+    return sorted(i for i in found if i is not None)
 
 
 def hash_rows(hasher: NgramHasher, compressed_ids: np.ndarray,
@@ -221,7 +223,7 @@ class BlockingHasher(NgramHasher):
     @classmethod
     def for_tokenizer(cls, config: EngramConfig, tokenizer: EngramTokenizer) -> BlockingHasher:
         table = tokenizer.compression
-        blocked = [b for b in PROFILE.blocked_token_ids if b < len(table)]
+        blocked = blocked_ids(tokenizer)
         dead = table[blocked].tolist()
         shared = int(np.isin(table, dead).sum()) - len(blocked)
         if shared:
