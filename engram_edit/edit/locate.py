@@ -1,0 +1,190 @@
+"""Which table rows a fact touches: the n-grams of its prompt that hold the subject, in every
+Engram layer, and (``--rows final|both``, or ``auto`` when specific) the final position's.
+
+Tokenizing facts and hashing them is here; optimizing the rows is distill.py's, writing them
+overwrite.py's and journal.py's (ENGRAM_SPEC.md section 4, issue 6 "Methods").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from engram_edit.edit.facts import Fact
+from engram_edit.errors import BadInputError
+from engram_edit.hashing import NgramHasher
+from engram_edit.tokenizer import EngramTokenizer
+
+# How often (in the corpus n-gram index) a final-position n-gram may occur and still count as
+# specific to one fact under ``auto``; template n-grams such as "of the" occur far more often.
+RARE_NGRAM_COUNT = 20
+
+
+class RowChoice(str, Enum):
+    """Which n-grams' rows an edit may change.
+
+    subject: every n-gram that contains a subject token, at the positions that predict the
+    target. final: every n-gram ending at those positions. both: the union. auto: subject, plus
+    the final n-grams that are rare in the corpus n-gram index (when one is given).
+    """
+
+    AUTO = "auto"
+    SUBJECT = "subject"
+    FINAL = "final"
+    BOTH = "both"
+
+
+@dataclass
+class FactTokens:
+    """A fact as token ids: the teacher-forced sequence is ``prompt + target``."""
+
+    prompt: list[int]
+    target: list[int]
+    subject: list[int]  # positions in ``prompt`` of the tokens that overlap the subject
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt + self.target
+
+    @property
+    def predicting(self) -> range:
+        """Positions of ``sequence`` whose next-token prediction is a target token."""
+        return range(len(self.prompt) - 1, len(self.prompt) + len(self.target) - 1)
+
+
+def tokenize_fact(fact: Fact, tokenizer: EngramTokenizer) -> FactTokens:
+    """Token ids of the prompt and the scored target, and where the subject sits.
+
+    Raises:
+        BadInputError: the prompt or target encodes to no tokens, naming the fact's line.
+    """
+    enc = tokenizer.tokenizer.encode(fact.prompt, add_special_tokens=False)
+    target = tokenizer.encode(fact.target)
+    if not enc.ids or not target:
+        raise BadInputError(f"line {fact.line}: prompt or target_new encodes to no tokens")
+    start, end = fact.subject_span()
+    subject = [i for i, (a, b) in enumerate(enc.offsets) if a < end and b > start]
+    return FactTokens(list(enc.ids), target, subject)
+
+
+NgramCount = Callable[[tuple[int, ...]], int]
+"""Corpus count of an n-gram given as compressed ids (from the corpus n-gram index)."""
+
+
+@dataclass
+class FactRows:
+    """Rows one fact touches, per Engram layer: sorted unique int64 row ids."""
+
+    rows: dict[int, np.ndarray]
+
+    @property
+    def count(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+
+def _ngrams(tokens: FactTokens, hasher: NgramHasher, choice: RowChoice, compressed: np.ndarray,
+            ngram_count: NgramCount | None) -> list[tuple[int, int]]:
+    """(position, order) of every chosen n-gram among those the target's prediction reads."""
+    subject = set(tokens.subject)
+    predicting = set(tokens.predicting)
+    chosen = []
+    for pos in range(tokens.predicting[-1] + 1):
+        for order in range(2, hasher.max_ngram + 1):
+            span = range(pos - order + 1, pos + 1)
+            has_subject = any(i in subject for i in span)
+            final = pos in predicting
+            if choice is RowChoice.SUBJECT:
+                keep = has_subject
+            elif choice is RowChoice.FINAL:
+                keep = final
+            elif choice is RowChoice.BOTH:
+                keep = has_subject or final
+            else:
+                keep = has_subject
+                if not keep and final and ngram_count is not None:
+                    ids = tuple(int(compressed[i]) if i >= 0 else hasher.pad_id for i in span)
+                    keep = ngram_count(ids) < RARE_NGRAM_COUNT
+            if keep:
+                chosen.append((pos, order))
+    return chosen
+
+
+def locate_rows(tokens: FactTokens, tokenizer: EngramTokenizer, hasher: NgramHasher,
+                choice: RowChoice = RowChoice.AUTO,
+                ngram_count: NgramCount | None = None) -> FactRows:
+    """The rows of every head of every chosen n-gram, in every Engram layer.
+
+    Candidates are the n-grams the target's prediction reads: those ending anywhere in the
+    prompt or in the target but its last token (teacher forcing reads those too). "Final"
+    n-grams end at a position that predicts a target token.
+
+    Args:
+        tokens (`FactTokens`): from ``tokenize_fact``.
+        tokenizer (`EngramTokenizer`): its compression table maps raw ids for hashing.
+        hasher (`NgramHasher`): the model's hashing.
+        choice (`RowChoice`, defaults to auto): which n-grams.
+        ngram_count (`NgramCount`, optional): corpus counts, used by ``auto`` to keep rare
+            final-position n-grams; without it ``auto`` is ``subject``.
+
+    Returns:
+        `FactRows`: per layer, sorted unique row ids (empty arrays when nothing is chosen).
+
+    Example:
+        >>> t = tokenize_fact(Fact("Diana, Princess of", "Diana", "Wales"), tok)  # doctest: +SKIP
+        >>> locate_rows(t, tok, files.hasher).count  # doctest: +SKIP
+        48
+    """
+    seq = np.asarray(tokens.sequence, dtype=np.int64)
+    compressed = tokenizer.compress(seq)
+    rows = hasher.rows(compressed[None, :])  # layer -> [1, T, C]
+    chosen = _ngrams(tokens, hasher, RowChoice(choice), compressed, ngram_count)
+    out = {}
+    for lid in hasher.layer_ids:
+        picked = [rows[lid][0, pos, hasher.column(order, h)]
+                  for pos, order in chosen for h in range(hasher.n_heads)]
+        out[lid] = np.unique(np.asarray(picked, dtype=np.int64))
+    return FactRows(out)
+
+
+def group_facts(fact_rows: list[FactRows], max_group: int) -> list[list[int]]:
+    """Fact indices packed into batches of at most ``max_group``, keeping facts that share a
+    row in one batch where their component fits (those are solved jointly). A larger component
+    is cut in file order; distill.py then keeps the earlier batches' facts as constraints."""
+    parent = list(range(len(fact_rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[int, int], int] = {}
+    for i, fr in enumerate(fact_rows):
+        for lid, rows in fr.rows.items():
+            for r in rows.tolist():
+                j = owner.setdefault((lid, r), i)
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    components: dict[int, list[int]] = {}
+    for i in range(len(fact_rows)):
+        components.setdefault(find(i), []).append(i)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for comp in sorted(components.values(), key=lambda c: c[0]):
+        if len(comp) > max_group:  # too big to solve at once: split, in file order
+            if current:
+                batches.append(current)
+                current = []
+            batches += [comp[i:i + max_group] for i in range(0, len(comp), max_group)]
+            continue
+        if current and len(current) + len(comp) > max_group:
+            batches.append(current)
+            current = []
+        current = current + comp
+    if current:
+        batches.append(current)
+    return batches
