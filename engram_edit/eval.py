@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 from engram_edit.errors import BadInputError
 from engram_edit.model import EngramModel
 from engram_edit.tokenizer import EngramTokenizer
+
+if TYPE_CHECKING:
+    from engram_edit.edit.facts import Fact
 
 METRICS_VERSION = 1
 
@@ -148,3 +152,239 @@ def text_ablation(model: EngramModel, stream: np.ndarray, windows: int = 32,
         out[memory] = (top1 / (len(starts) * seq_len), loss / (len(starts) * seq_len))
     return AblationRow("text", windows * seq_len, out[True][0], out[False][0], out[True][1],
                        out[False][1])
+
+
+# --- edit metrics (issue 6) -------------------------------------------------------------------
+
+@dataclass
+class FactMetrics:
+    """The metric set of an edit, for one model state. Each field is reported under its own
+    name as the JSON key; a metric with nothing to measure (no rephrase or locality prompts,
+    no held-out text) is None (JSON null). Log-probabilities are sums over the answer's tokens,
+    teacher forced after the prompt, with answers joined as ``scored_target`` says.
+
+    - ``efficacy``: share of facts with log P(target_new) > log P(ground_truth); a fact
+      without ground_truth counts when its greedy continuation is target_new (top-1).
+    - ``efficacy_top1``: share of facts whose greedy continuation starts with target_new
+      (every target token is the argmax, teacher forced; the same as greedy decoding).
+    - ``paraphrase``: the efficacy criterion on every rephrase prompt (with its fact's
+      target_new and ground_truth); share of all rephrase prompts.
+    - ``neighbourhood``: share of locality prompts with log P(locality answer) >
+      log P(target_new of their fact): the edit has not bled into its neighbours
+      (CounterFact's neighborhood score).
+    - ``neighbourhood_unchanged``: share of locality prompts whose greedy continuation, as many
+      tokens as the locality answer, equals the reference model's (stricter).
+    - ``neighbourhood_kl``: mean KL(reference || model), in nats, of the next-token
+      distribution after each locality prompt.
+    - ``heldout_loss``: mean next-token cross-entropy, nats per token, on held-out windows.
+    """
+
+    efficacy: float
+    efficacy_top1: float
+    paraphrase: float | None
+    neighbourhood: float | None
+    neighbourhood_unchanged: float | None
+    neighbourhood_kl: float | None
+    heldout_loss: float | None
+
+
+@dataclass
+class NeighbourReference:
+    """What the reference (unedited) model does after every locality prompt, in fact order."""
+
+    greedy: list[list[int]]  # greedy continuation, as many tokens as the locality answer
+    log_probs: torch.Tensor  # [N, vocab] next-token log-probs after each prompt (CPU)
+
+
+@dataclass
+class _Scores:
+    logprob: np.ndarray  # [n] sum of the target tokens' log-probs
+    greedy: np.ndarray  # [n] bool: every target token is the argmax
+    first: torch.Tensor | None  # [n, vocab] log-probs at the first target position
+
+
+@torch.no_grad()
+def _teacher_forced(model: EngramModel, prompts: list[list[int]], targets: list[list[int]],
+                    memory: bool, keep_first: bool = False, batch_size: int = 64) -> _Scores:
+    """Scores of token-id targets after token-id prompts (right-padded batches)."""
+    device = next(model.parameters()).device
+    window = model.config.max_position_embeddings
+    logprob = np.zeros(len(prompts))
+    greedy = np.zeros(len(prompts), dtype=bool)
+    first = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(zip(prompts[start:start + batch_size], targets[start:start + batch_size],
+                         strict=True))
+        seqs = [(p + t)[-window:] for p, t in chunk]
+        ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+        logits = model(ids.to(device), memory=memory).logits.float()
+        logp = F.log_softmax(logits, -1).cpu()
+        for i, ((_, t), s) in enumerate(zip(chunk, seqs, strict=True)):
+            pos = torch.arange(len(s) - len(t) - 1, len(s) - 1)
+            tgt = torch.tensor(t)
+            logprob[start + i] = float(logp[i, pos, tgt].sum())
+            greedy[start + i] = bool((logp[i, pos].argmax(-1) == tgt).all())
+            if keep_first:
+                first.append(logp[i, pos[0]].clone())
+    return _Scores(logprob, greedy, torch.stack(first) if keep_first and first else None)
+
+
+@torch.no_grad()
+def _greedy(model: EngramModel, prompts: list[list[int]], lengths: list[int], memory: bool,
+            batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuation of each prompt, ``lengths[i]`` tokens."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in range(max(lengths, default=0)):
+        todo = [i for i, k in enumerate(lengths) if k > step]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            seqs = [prompts[i] + out[i] for i in chunk]
+            ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, :len(s)] = torch.tensor(s)
+            logits = model(ids.to(device), memory=memory).logits
+            last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+            nxt = logits[torch.arange(len(seqs), device=device), last].argmax(-1).tolist()
+            for i, token in zip(chunk, nxt, strict=True):
+                out[i].append(int(token))
+    return out
+
+
+def _encode(tokenizer: EngramTokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    p, a = tokenizer.encode(prompt), tokenizer.encode(scored_target(prompt, answer))
+    if not p or not a:
+        raise BadInputError(f"empty prompt or answer: {prompt!r} -> {answer!r}")
+    return p, a
+
+
+def _neighbours(tokenizer: EngramTokenizer, facts: Sequence[Fact]
+                ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Per locality prompt: its ids, its answer's ids, and its fact's target_new's ids."""
+    prompts, answers, news = [], [], []
+    for f in facts:
+        for p, a in zip(f.locality_prompts, f.locality_answers, strict=True):
+            ids, ans = _encode(tokenizer, p, a)
+            prompts.append(ids)
+            answers.append(ans)
+            news.append(_encode(tokenizer, p, f.target_new)[1])
+    return prompts, answers, news
+
+
+def neighbour_reference(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
+                        memory: bool = True) -> NeighbourReference:
+    """The reference for ``neighbourhood_unchanged`` and ``neighbourhood_kl``: run it on the
+    model before editing."""
+    prompts, answers, _ = _neighbours(tokenizer, facts)
+    greedy = _greedy(model, prompts, [len(a) for a in answers], memory)
+    if not prompts:
+        return NeighbourReference([], torch.zeros(0, model.config.vocab_size))
+    first = _teacher_forced(model, prompts, greedy, memory, keep_first=True).first
+    assert first is not None
+    return NeighbourReference(greedy, first)
+
+
+def heldout_windows(stream: np.ndarray, windows: int = 32, seq_len: int = 128) -> np.ndarray:
+    """``windows`` evenly spaced windows of ``seq_len + 1`` tokens of a held-out stream,
+    int64 ``[windows, seq_len + 1]``; fewer when the stream is short, none when shorter than
+    one window."""
+    usable = len(stream) - seq_len - 1
+    if usable < 0 or windows < 1:
+        return np.zeros((0, seq_len + 1), dtype=np.int64)
+    starts = np.unique(np.linspace(0, usable, num=windows, dtype=np.int64))
+    return np.stack([np.asarray(stream[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+
+
+@torch.no_grad()
+def heldout_loss(model: EngramModel, windows: np.ndarray, memory: bool = True) -> float | None:
+    """Key "heldout_loss": mean next-token cross-entropy (nats/token) over ``windows``
+    (from ``heldout_windows``); None without windows."""
+    if len(windows) == 0:
+        return None
+    device = next(model.parameters()).device
+    batch = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
+    total = 0.0
+    for chunk in batch.split(16):
+        logits = model(chunk[:, :-1], memory=memory).logits.float()
+        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(),
+                                 reduction="sum").item()
+    return total / (batch.shape[0] * (batch.shape[1] - 1))
+
+
+def _wins(model: EngramModel, prompts: list[list[int]], news: list[list[int]],
+          truths: list[list[int] | None], memory: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(efficacy criterion, greedy) per prompt: new beats truth, or greedy without a truth."""
+    new = _teacher_forced(model, prompts, news, memory)
+    has = [i for i, t in enumerate(truths) if t is not None]
+    wins = new.greedy.copy()
+    if has:
+        old = _teacher_forced(model, [prompts[i] for i in has], [truths[i] for i in has],
+                              memory)
+        wins[has] = new.logprob[has] > old.logprob
+    return wins, new.greedy
+
+
+def _share(x: np.ndarray) -> float | None:
+    return float(np.mean(x)) if len(x) else None
+
+
+def fact_metrics(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
+                 reference: NeighbourReference | None = None,
+                 heldout: np.ndarray | None = None, memory: bool = True) -> FactMetrics:
+    """Every metric of ``FactMetrics`` for the model as it is now.
+
+    Args:
+        model (`EngramModel`): the model to measure.
+        tokenizer (`EngramTokenizer`): its tokenizer.
+        facts (`Sequence[Fact]`): the facts (edit/facts.py).
+        reference (`NeighbourReference`, optional): the unedited model's behaviour on the
+            locality prompts; the model itself (as now) when None.
+        heldout (`np.ndarray`, optional): held-out windows (``heldout_windows``).
+        memory (`bool`, defaults to True): False measures with every Engram module off.
+
+    Returns:
+        `FactMetrics`
+    """
+    if not facts:
+        raise BadInputError("no facts to measure")
+    prompts, news, truths = [], [], []
+    for f in facts:
+        p, n = _encode(tokenizer, f.prompt, f.target_new)
+        prompts.append(p)
+        news.append(n)
+        truths.append(None if f.ground_truth is None else _encode(tokenizer, f.prompt,
+                                                                  f.ground_truth)[1])
+    wins, top1 = _wins(model, prompts, news, truths, memory)
+    para = [(_encode(tokenizer, r, f.target_new),
+             None if f.ground_truth is None else _encode(tokenizer, r, f.ground_truth)[1])
+            for f in facts for r in f.rephrase_prompts]
+    para_wins = (_wins(model, [p for (p, _), _ in para], [n for (_, n), _ in para],
+                       [t for _, t in para], memory)[0] if para else np.zeros(0))
+    loc_prompts, answers, loc_news = _neighbours(tokenizer, facts)
+    if reference is None:
+        reference = neighbour_reference(model, tokenizer, facts, memory)
+    hood = unchanged = kl = None
+    if loc_prompts:
+        ans = _teacher_forced(model, loc_prompts, answers, memory)
+        new = _teacher_forced(model, loc_prompts, loc_news, memory)
+        same = _teacher_forced(model, loc_prompts, reference.greedy, memory, keep_first=True)
+        assert same.first is not None
+        ref = reference.log_probs
+        hood = _share(ans.logprob > new.logprob)
+        unchanged = _share(same.greedy)
+        kl = float((ref.exp() * (ref - same.first)).sum(-1).mean())
+    return FactMetrics(
+        efficacy=float(wins.mean()), efficacy_top1=float(top1.mean()),
+        paraphrase=_share(para_wins), neighbourhood=hood, neighbourhood_unchanged=unchanged,
+        neighbourhood_kl=kl,
+        heldout_loss=None if heldout is None else heldout_loss(model, heldout, memory))
+
+
+def greedy_hits(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
+                memory: bool = True) -> np.ndarray:
+    """Per fact, whether its greedy continuation is target_new (bool ``[n]``); the mean is
+    ``efficacy_top1``. Used to keep the true facts a model knows, and to check they stay."""
+    pairs = [_encode(tokenizer, f.prompt, f.target_new) for f in facts]
+    return _teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs], memory).greedy

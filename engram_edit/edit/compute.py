@@ -1,0 +1,221 @@
+"""Computing an edit from facts: locate the rows, run the method, quantize into a Patch, and
+measure the model before and after (issue 6). Nothing on disk changes here: applying the patch
+is journal.py's. The model is used as a scratch copy and left as it was given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import numpy as np
+import torch
+
+from engram_edit.checkpoint import ModelFiles
+from engram_edit.edit.distill import DistillProgress, DistillSettings, distill
+from engram_edit.edit.facts import Fact
+from engram_edit.edit.locate import NgramCount, RowChoice, locate_rows, tokenize_fact
+from engram_edit.edit.overwrite import OverwriteSettings, closed_form, rows_patch
+from engram_edit.edit.patch import Patch
+from engram_edit.eval import (
+    METRICS_VERSION,
+    FactMetrics,
+    fact_metrics,
+    heldout_windows,
+    neighbour_reference,
+)
+from engram_edit.model import EngramModel
+from engram_edit.tokenizer import EngramTokenizer
+
+
+class Method(str, Enum):
+    """distill: a few dozen Adam steps on the located rows with a locality term (default).
+    overwrite: one closed-form least-squares solve through the frozen model, no steps."""
+
+    DISTILL = "distill"
+    OVERWRITE = "overwrite"
+
+
+@dataclass
+class EditSettings:
+    method: Method = Method.DISTILL
+    rows: RowChoice = RowChoice.AUTO
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    overwrite: OverwriteSettings = field(default_factory=OverwriteSettings)
+    measure: bool = True  # measure the metric set before and after
+    heldout_windows: int = 32  # held-out windows of the heldout_loss metric
+    heldout_tokens: int = 128  # tokens per metric window
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["method"], d["rows"] = self.method.value, self.rows.value
+        if self.method is Method.DISTILL:
+            d.pop("overwrite")
+        else:
+            d.pop("distill")
+        return d
+
+
+@dataclass
+class EditProgress:
+    stage: str  # "measure before", "distill", "overwrite", "measure after"
+    batch: int = 0
+    batches: int = 0
+    step: int = 0
+    done: int = 0  # facts of the batch whose target wins
+    facts: int = 0
+
+
+@dataclass
+class EditReport:
+    """What ``edit_facts`` made: the patch, and how the model fares before and after it."""
+
+    patch: Patch
+    facts: int
+    rows_touched: int
+    seconds: float  # computing the rows and the patch; measuring is not counted
+    before: FactMetrics | None
+    after: FactMetrics | None
+    unsolved: list[int]  # indices of facts that did not reach the method's stop criterion
+
+    @property
+    def edits_per_s(self) -> float:
+        return self.facts / self.seconds if self.seconds > 0 else float("inf")
+
+
+def tool_version() -> str:
+    try:
+        return importlib_metadata.version("engram-edit")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def load_patch_rows(model: EngramModel, patch: Patch, side: str = "after") -> None:
+    """Put a patch's ``side`` rows ("after" or "before"), decoded, into the model's tables in
+    memory. The files are not touched (journal.apply_patch writes them)."""
+    with torch.no_grad():
+        for e in patch.edits:
+            raw = e.after if side == "after" else e.before
+            w = model.engram(e.layer_id).embed.weight
+            rows = torch.from_numpy(e.rows).to(w.device)
+            w[rows] = torch.from_numpy(raw.values()).to(w.device, w.dtype)
+
+
+@dataclass
+class FactsMeasurement:
+    facts: int
+    metrics_version: int
+    memory: FactMetrics
+    no_memory: FactMetrics | None  # every Engram module off; the reference is memory on
+
+
+def measure_facts(model: EngramModel, tokenizer: EngramTokenizer, facts: list[Fact],
+                  heldout: np.ndarray | None = None, settings: EditSettings | None = None,
+                  ablate: bool = False) -> FactsMeasurement:
+    """The metric set for the model as it is (``eval FACTS``): the same held-out windows as
+    ``edit_facts`` measures, and the model itself as the neighbours' reference.
+
+    Returns:
+        `FactsMeasurement`: with ``ablate``, also the metrics with the memory off.
+    """
+    settings = settings or EditSettings()
+    measured, _ = _split_heldout(heldout)
+    windows = (heldout_windows(measured, settings.heldout_windows, settings.heldout_tokens)
+               if measured is not None else None)
+    reference = neighbour_reference(model, tokenizer, facts)
+    on = fact_metrics(model, tokenizer, facts, reference, windows)
+    off = (fact_metrics(model, tokenizer, facts, reference, windows, memory=False)
+           if ablate else None)
+    return FactsMeasurement(len(facts), METRICS_VERSION, on, off)
+
+
+def _split_heldout(stream: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The first half of the held-out stream is measured, the second half is the distill
+    locality sample: the metric never scores text the edit was fitted to."""
+    if stream is None:
+        return None, None
+    half = len(stream) // 2
+    return stream[:half], stream[half:]
+
+
+def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
+               settings: EditSettings | None = None, heldout: np.ndarray | None = None,
+               ngram_count: NgramCount | None = None,
+               progress: Callable[[EditProgress], None] | None = None) -> EditReport:
+    """The patch that makes ``model`` give each fact's target, with its metrics.
+
+    Args:
+        files (`ModelFiles`): the model's files (tokenizer, hashing, table for before-rows).
+        model (`EngramModel`): the same model built with its tables inside (placement gpu).
+        facts (`list[Fact]`): from ``facts.read_facts``.
+        settings (`EditSettings`, optional): method, rows, method settings, measuring.
+        heldout (`np.ndarray`, optional): a held-out token stream; its first half is the
+            ``heldout_loss`` sample, its second half distill's locality sample.
+        ngram_count (`NgramCount`, optional): corpus n-gram counts for ``--rows auto``.
+        progress (`Callable[[EditProgress], None]`, optional): called as work proceeds.
+
+    Returns:
+        `EditReport`: the patch (metadata: facts, method, settings, metrics with
+        ``metrics_version``, tool version, fingerprint, created), timing and metrics.
+
+    Example:
+        >>> files, model = load_model("model", placement="gpu")  # doctest: +SKIP
+        >>> report = edit_facts(files, model, read_facts("facts.jsonl"))
+        >>> report.after.efficacy
+        1.0
+    """
+    settings = settings or EditSettings()
+    tell = progress or (lambda p: None)
+    measured, fitted = _split_heldout(heldout)
+    windows = (heldout_windows(measured, settings.heldout_windows, settings.heldout_tokens)
+               if measured is not None else None)
+    tok = files.tokenizer
+    before = reference = None
+    if settings.measure:
+        tell(EditProgress("measure before"))
+        reference = neighbour_reference(model, tok, facts)
+        before = fact_metrics(model, tok, facts, reference, windows)
+    start = time.perf_counter()
+    tokens = [tokenize_fact(f, tok) for f in facts]
+    fact_rows = [locate_rows(t, tok, files.hasher, settings.rows, ngram_count) for t in tokens]
+    if settings.method is Method.DISTILL:
+        def on_step(p: DistillProgress) -> None:
+            tell(EditProgress("distill", p.batch, p.batches, p.step, p.done, p.facts))
+
+        locality = [[tok.encode(p) for p in f.locality_prompts] for f in facts]
+        result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step)
+        values, unsolved = result.values, result.undone
+    else:
+        tell(EditProgress("overwrite", 1, 1, 0, 0, len(facts)))
+        truths = [tok.encode(f.truth) if f.truth is not None else None for f in facts]
+        values = closed_form(model, tokens, truths, fact_rows, settings.overwrite)
+        unsolved = []
+    with files.table() as table:
+        patch = rows_patch(table, files.fingerprint(), values)
+    seconds = time.perf_counter() - start
+    after = None
+    if settings.measure:
+        tell(EditProgress("measure after"))
+        load_patch_rows(model, patch, "after")
+        try:
+            after = fact_metrics(model, tok, facts, reference, windows)
+        finally:
+            load_patch_rows(model, patch, "before")
+    patch.metadata = {
+        "facts": [f.to_dict() for f in facts],
+        "method": settings.method.value,
+        "settings": settings.to_dict(),
+        "metrics": {"metrics_version": METRICS_VERSION,
+                    "before": before and asdict(before), "after": after and asdict(after)},
+        "seconds": seconds,
+        "unsolved": unsolved,
+        "version": tool_version(),
+        "fingerprint": files.fingerprint(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return EditReport(patch, len(facts), patch.rows_touched, seconds, before, after, unsolved)

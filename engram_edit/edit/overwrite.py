@@ -1,0 +1,250 @@
+"""overwrite: rows set without an optimization loop. Facts get a closed-form least-squares
+update of the rows locate.py picks; one n-gram's rows can be copied from another's, zeroed or
+scaled. Both end as a Patch built by ``rows_patch`` (issue 6 "Methods"; DESIGN.md "Edits").
+
+The closed form, per fact i with margin f_i = log P(target_new) - log P(ground_truth) (sums,
+teacher forced; log P(target_new) alone without a ground truth): one forward and one backward
+pass through the frozen model (every layer after the Engram layer, the gate, the norm and the
+LM head included) give each fact's gradient g_i of f_i with respect to its own rows, taken
+apart per fact. Linearized, f_i moves by g_i . delta. The minimum-norm delta over all touched
+rows that moves every fact to its wanted margin m_i solves ``(G G^T + eps I) a = m - f``,
+``delta = G^T a``: facts that share a row are solved jointly through G G^T, and a fact already
+past its margin asks for no change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+
+from engram_edit.checkpoint import ModelFiles
+from engram_edit.edit.frozen import DeltaEmbedding, ScoredBatch, substituted_rows
+from engram_edit.edit.locate import FactRows, FactTokens
+from engram_edit.edit.patch import LayerEdit, Patch
+from engram_edit.errors import BadInputError
+from engram_edit.memory import MemoryTable
+from engram_edit.model import EngramModel
+
+
+@dataclass
+class OverwriteSettings:
+    margin: float = 3.0  # wanted log P(target_new) - log P(ground_truth), nats
+    target_logprob: float = -0.5  # wanted log P(target_new) for a fact without ground truth
+    iterations: int = 1  # closed-form solves (1 = the pure closed form; more re-linearize)
+    ridge: float = 1e-4  # eps of (G G^T + eps I), relative to its mean diagonal
+    norm_bound: float = 2.0  # an edited row's norm stays <= this x the layer's 99th percentile
+
+
+def layer_norm_bounds(model: EngramModel, factor: float) -> dict[int, float]:
+    """Per Engram layer, ``factor`` x the 99th percentile of its row norms (a sample of up to
+    65,536 evenly spaced rows): the largest norm an edited row may take."""
+    out = {}
+    for lid in model.config.engram_layer_ids:
+        w = model.engram(lid).embed.weight.detach()
+        sample = w[torch.linspace(0, len(w) - 1, min(len(w), 65536)).long()]
+        out[lid] = factor * float(sample.norm(dim=-1).float().quantile(0.99))
+    return out
+
+
+def clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
+    """``rows [n, width]`` scaled down where their norm exceeds ``bound``."""
+    scale = (bound / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp_max(1.0)
+    return rows * scale
+
+
+def _gram(grad: torch.Tensor, owner: torch.Tensor, index: torch.Tensor,
+          facts: int) -> torch.Tensor:
+    """G G^T of one layer, where fact i's row of G is its gradient ``grad[k]`` (``owner[k] =
+    i``) placed on shared row ``index[k]``: a sum over every pair of entries on one row."""
+    idx = index.cpu().numpy()
+    order = np.argsort(idx, kind="stable")
+    starts = np.flatnonzero(np.r_[True, idx[order][1:] != idx[order][:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    a, b = [], []
+    for first, last in zip(starts.tolist(), ends.tolist(), strict=True):
+        members = order[first:last]
+        a.append(np.repeat(members, last - first))
+        b.append(np.tile(members, last - first))
+    pa = torch.from_numpy(np.concatenate(a)).to(grad.device)
+    pb = torch.from_numpy(np.concatenate(b)).to(grad.device)
+    gram = torch.zeros(facts, facts, device=grad.device)
+    return gram.index_put_((owner[pa], owner[pb]), (grad[pa] * grad[pb]).sum(-1),
+                           accumulate=True)
+
+
+def _margins(model: EngramModel, tokens: list[FactTokens], truths: list[list[int] | None],
+             keys: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+    """f_i per fact, through per-fact deltas (sequence groups = facts)."""
+    seqs, scored, gold, owner, sign, groups = [], [], [], [], [], []
+    for i, (t, truth) in enumerate(zip(tokens, truths, strict=True)):
+        for answer, s in ((t.target, 1.0), (truth, -1.0)):
+            if answer is None:
+                continue
+            seq = t.prompt + answer
+            seqs.append(seq[:-1])
+            scored.append(list(range(len(t.prompt) - 1, len(seq) - 1)))
+            gold += answer
+            owner += [i] * len(answer)
+            sign += [s] * len(answer)
+            groups.append(i)
+    device = next(model.parameters()).device
+    batch = ScoredBatch.build(model, seqs, scored)
+    group = torch.tensor(groups, device=device)
+    lookups = {lid: DeltaEmbedding(model.engram(lid).embed, keys[lid], deltas[lid], group)
+               for lid in keys}
+    with substituted_rows(model, lookups):
+        logp = batch.log_probs(model)
+    tok = logp.gather(1, torch.tensor(gold, device=device)[:, None]).squeeze(1)
+    tok = tok * torch.tensor(sign, device=device)
+    return torch.zeros(len(tokens), device=device).index_add(0, torch.tensor(owner, device=device),
+                                                             tok)
+
+
+def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[int] | None],
+                fact_rows: list[FactRows], settings: OverwriteSettings
+                ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """New values of every touched row by the closed form of the module docstring.
+
+    Args:
+        model (`EngramModel`): the model with its current rows (tables inside, float32).
+        tokens (`list[FactTokens]`): the facts, tokenized (locate.tokenize_fact).
+        truths (`list[list[int] | None]`): each fact's ground-truth answer ids, or None.
+        fact_rows (`list[FactRows]`): each fact's rows (locate.locate_rows).
+        settings (`OverwriteSettings`): margins, iterations, ridge, norm bound.
+
+    Returns:
+        `dict[int, tuple[np.ndarray, np.ndarray]]`: layer -> (sorted rows, float32 values).
+    """
+    device = next(model.parameters()).device
+    layer_ids = model.config.engram_layer_ids
+    bounds = layer_norm_bounds(model, settings.norm_bound)
+    wanted = torch.tensor([settings.margin if t is not None else settings.target_logprob
+                           for t in truths], device=device)
+    touched, keys, index = {}, {}, {}
+    for lid in layer_ids:
+        n_rows = model.engram(lid).embed.weight.shape[0]
+        per_fact = [fr.rows[lid] for fr in fact_rows]
+        touched[lid] = np.unique(np.concatenate(per_fact)) if per_fact else np.zeros(0, np.int64)
+        k = np.concatenate([i * n_rows + r for i, r in enumerate(per_fact)])
+        keys[lid] = torch.from_numpy(k).to(device)  # sorted: facts in order, rows sorted
+        index[lid] = torch.from_numpy(np.searchsorted(touched[lid], k % n_rows)).to(device)
+    shared = {lid: torch.zeros(len(touched[lid]), model.engram(lid).embed.weight.shape[1],
+                               device=device) for lid in layer_ids}
+    owners = {lid: torch.from_numpy(np.concatenate(
+        [np.full(len(fr.rows[lid]), i) for i, fr in enumerate(fact_rows)])).to(device)
+        for lid in layer_ids}
+    for _ in range(settings.iterations):
+        deltas = {lid: shared[lid][index[lid]].clone().requires_grad_(True) for lid in layer_ids}
+        f = _margins(model, tokens, truths, keys, deltas)
+        f.sum().backward()  # fact i's margin depends on its own deltas only
+        need = (wanted - f.detach()).clamp_min(0.0)
+        gram = torch.zeros(len(tokens), len(tokens), device=device)
+        for lid in layer_ids:
+            if len(index[lid]):
+                gram += _gram(deltas[lid].grad, owners[lid], index[lid], len(tokens))
+        ridge = settings.ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+        a = torch.linalg.solve(gram + ridge * torch.eye(len(tokens), device=device), need)
+        for lid in layer_ids:
+            step = torch.zeros_like(shared[lid]).index_add(
+                0, index[lid], deltas[lid].grad * a[owners[lid]][:, None])
+            shared[lid] = shared[lid] + step
+            weight = model.engram(lid).embed.weight.detach()[torch.from_numpy(touched[lid])]
+            shared[lid] = clip_rows(weight + shared[lid], bounds[lid]) - weight
+    out = {}
+    for lid in layer_ids:
+        rows = torch.from_numpy(touched[lid]).to(device)
+        weight = model.engram(lid).embed.weight.detach()[rows]
+        out[lid] = (touched[lid], (weight + shared[lid]).float().cpu().numpy())
+    return out
+
+
+# --- n-gram rows, directly ------------------------------------------------------------------
+
+class NgramOp(str, Enum):
+    COPY = "copy"  # the rows of another n-gram, head by head
+    ZERO = "zero"
+    SCALE = "scale"
+
+
+def ngram_rows(files: ModelFiles, ngram: str, layers: list[int] | None = None,
+               heads: list[int] | None = None) -> dict[int, np.ndarray]:
+    """The row each chosen head reads for ``ngram`` (its last position), per chosen layer.
+
+    Raises:
+        BadInputError: the text is not 2..max_ngram tokens, or an unknown layer or head.
+    """
+    hasher, tok = files.hasher, files.tokenizer
+    ids = tok.encode(ngram)
+    if not 2 <= len(ids) <= hasher.max_ngram:
+        raise BadInputError(f"n-gram {ngram!r} is {len(ids)} token(s); an n-gram has 2 to "
+                            f"{hasher.max_ngram} (it is encoded exactly as given: a word from "
+                            f"mid-sentence may need its leading space)")
+    layers = hasher.layer_ids if layers is None else layers
+    heads = list(range(hasher.n_heads)) if heads is None else heads
+    bad = [f"--layer {i}: not an Engram layer (layers {hasher.layer_ids})"
+           for i in layers if i not in hasher.layer_ids]
+    bad += [f"--heads {h}: no such head (0 to {hasher.n_heads - 1})"
+            for h in heads if not 0 <= h < hasher.n_heads]
+    if bad:
+        raise BadInputError(bad)
+    rows = hasher.rows(tok.compress(ids)[None, :])
+    return {lid: np.array([rows[lid][0, -1, hasher.column(len(ids), h)] for h in heads],
+                          dtype=np.int64) for lid in layers}
+
+
+def ngram_values(table: MemoryTable, rows: dict[int, np.ndarray], op: NgramOp,
+                 source: dict[int, np.ndarray] | None = None,
+                 scale: float | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """New float32 values for ``rows`` (one per head, from ``ngram_rows``): ``source``'s rows
+    (same layers and heads), zeros, or the rows times ``scale``."""
+    out = {}
+    for lid, r in rows.items():
+        if op is NgramOp.COPY:
+            assert source is not None, "copy needs the source n-gram's rows"
+            values = table.read_rows(lid, source[lid])
+        elif op is NgramOp.ZERO:
+            values = np.zeros((len(r), table.width(lid)), dtype=np.float32)
+        else:
+            assert scale is not None, "scale needs a factor"
+            values = table.read_rows(lid, r) * np.float32(scale)
+        out[lid] = (r, values)
+    return out
+
+
+def rows_patch(table: MemoryTable, fingerprint: str,
+               values: dict[int, tuple[np.ndarray, np.ndarray]],
+               metadata: dict | None = None) -> Patch:
+    """The Patch that stores ``values`` (layer -> (row ids, float32 rows)) in ``table``'s
+    dtype. Rows whose stored bytes would not change are left out; a row id given twice keeps
+    its last values. Reads the before-rows; writes nothing.
+
+    Raises:
+        BadInputError: values that do not fit the dtype (NaN, inf, too large), naming the layer.
+    """
+    edits = []
+    for lid in sorted(values):
+        rows, vals = values[lid]
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            continue
+        order = np.argsort(rows, kind="stable")
+        rows, vals = rows[order], np.asarray(vals, dtype=np.float32)[order]
+        last = np.r_[rows[1:] != rows[:-1], True]
+        rows, vals = rows[last], vals[last]
+        before = table.read_raw(lid, rows)
+        after = table.encode(lid, vals)
+        changed = ~before.row_equal(after)
+        if not changed.any():
+            continue
+        pick = np.flatnonzero(changed)
+        edits.append(LayerEdit(lid, rows[pick], _take(before, pick), _take(after, pick)))
+    return Patch(fingerprint, edits, dict(metadata or {}))
+
+
+def _take(raw, pick: np.ndarray):
+    from engram_edit.memory import RawRows
+
+    return RawRows(raw.data[pick], None if raw.scale is None else raw.scale[pick])
