@@ -42,6 +42,9 @@ def train_command(
     dtype: Annotated[str, typer.Option(help="Storage dtype of the written weights: "
                                        "float32, bfloat16 or float16.")] = "float32",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast for the forward pass.")] = True,
+    memory_dropout: Annotated[float, typer.Option(
+        help="Share of steps trained with every Engram module off, so the backbone stays "
+             "usable without the memory.")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the training step: minutes to compile, faster after."
@@ -74,7 +77,7 @@ def train_command(
                              seq_len=seq_len, lr=lr, table_lr=table_lr, eval_every=eval_every,
                              checkpoint_seconds=checkpoint_minutes * 60, seed=seed,
                              device=device, bf16=bf16, threads=threads, out_dtype=dtype,
-                             compile=compile)
+                             compile=compile, memory_dropout=memory_dropout)
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                TextColumn("valid {task.fields[valid]}"), TimeElapsedColumn(),

@@ -53,6 +53,9 @@ class TrainSettings:
     bf16: bool = True  # bf16 autocast (CPU with AMX, or CUDA)
     threads: int | None = None  # torch CPU threads; default: torch's choice
     compile: bool = False  # torch.compile the training forward (~2 min to compile, faster steps)
+    # Share of steps run with every Engram module off, so the backbone stays usable without the
+    # memory and an ablation measures what lives in the tables rather than broken co-adaptation.
+    memory_dropout: float = 0.0
     out_dtype: str = "float32"  # storage dtype of the final model.safetensors
 
     def problems(self) -> list[str]:
@@ -66,6 +69,8 @@ class TrainSettings:
         for name in ("batch_size", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be >= 1")
+        if not 0.0 <= self.memory_dropout < 1.0:
+            p.append(f"--memory-dropout: must be in [0, 1), got {self.memory_dropout}")
         return p
 
 
@@ -133,11 +138,13 @@ def _windows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tens
     return torch.from_numpy(np.asarray(stream[idx], dtype=np.int64))
 
 
-def _batch(stream: np.ndarray, step: int, s: TrainSettings) -> torch.Tensor:
-    """Random windows, a pure function of (seed, step) so that resume sees the same data."""
+def _batch(stream: np.ndarray, step: int, s: TrainSettings) -> tuple[torch.Tensor, bool]:
+    """Random windows and whether the memory is on, a pure function of (seed, step) so that
+    resume sees the same data."""
     rng = np.random.default_rng([s.seed, step])
     starts = rng.integers(0, len(stream) - s.seq_len - 1, size=s.batch_size)
-    return _windows(stream, starts, s.seq_len)
+    memory = bool(rng.random() >= s.memory_dropout)
+    return _windows(stream, starts, s.seq_len), memory
 
 
 def _valid_batches(stream: np.ndarray, s: TrainSettings) -> list[torch.Tensor]:
@@ -254,7 +261,8 @@ def train(corpus: Path, out: Path, config: EngramConfig, tokenizer: EngramTokeni
         scale = _lr_scale(step, fraction(), settings)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * scale
-        loss = _loss(step_model, _batch(train_stream, step, settings), True, settings, device)
+        batch, memory = _batch(train_stream, step, settings)
+        loss = _loss(step_model, batch, memory, settings, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -263,7 +271,8 @@ def train(corpus: Path, out: Path, config: EngramConfig, tokenizer: EngramTokeni
         tokens += per_step
         elapsed = time.perf_counter() - start
         value = loss.item()
-        loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+        if memory or loss_avg is None:  # the reported training loss is the memory-on loss
+            loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
         event = "step"
         if step % settings.eval_every == 0 or fraction() >= 1.0:
             valid_on, valid_off = evaluate(model, valid, settings, device)
