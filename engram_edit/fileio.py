@@ -21,15 +21,8 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (which makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,9 +41,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, _default_mode())
     try:
         yield tmp_path
-        fsync_file(tmp_path)
+        fsync_path(tmp_path)
         os.replace(tmp_path, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -82,7 +75,7 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, _default_mode())  # some writers create files 0o600
-                fsync_file(f)
+                fsync_path(f)
         old = None
         if target.exists():
             if not replace:
@@ -90,7 +83,7 @@ def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:

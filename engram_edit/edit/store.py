@@ -34,7 +34,7 @@ from typing import Any
 from engram_edit.checkpoint import ModelFiles
 from engram_edit.edit.patch import PATCH_SUFFIX, Patch, read_patch
 from engram_edit.errors import BadInputError, LockHeldError
-from engram_edit.fileio import atomic_write_text, fsync_dir
+from engram_edit.fileio import atomic_write_text, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def write_journal(folder: Path, record: JournalRecord) -> None:
 def delete_journal(folder: Path) -> None:
     """Remove the journal and make its removal durable (the last step of every write)."""
     (folder / JOURNAL_FILE).unlink(missing_ok=True)
-    fsync_dir(folder)
+    fsync_path(folder)
 
 
 def load_copy(folder: Path, entry: HistoryEntry) -> Patch:

@@ -21,7 +21,7 @@ from engram_edit import paths
 from engram_edit.checkpoint import CONFIG_FILE, ModelFiles, open_model
 from engram_edit.edit.store import ENGRAM_DIR, hold_lock, read_history
 from engram_edit.errors import BadInputError
-from engram_edit.fileio import atomic_dir, fsync_dir
+from engram_edit.fileio import atomic_dir, fsync_path
 from engram_edit.paths import ModelChoice
 
 
@@ -124,6 +124,6 @@ def reset(wait: bool = False) -> ResetReport:
             os.replace(work, aside)
     else:
         os.replace(work, aside)
-    fsync_dir(work.parent)
+    fsync_path(work.parent)
     shutil.rmtree(aside)
     return ResetReport(work, True, len(found), size, applied)
