@@ -224,7 +224,7 @@ def main() -> None:
         if free < need:
             raise SystemExit(f"{args.dir}: {free / 1e9:.1f} GB free, need {need / 1e9:.1f}")
         result = {
-            "benchmark": "lookup start-up",
+            "benchmark": "lookup start-up", "loadavg_before": os.getloadavg(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "text": args.text, "repeat": args.repeat, "tokenizer": str(tokenizer_file),
             "memory_alone": memory_part(args, tokenizer_file),

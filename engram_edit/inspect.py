@@ -7,6 +7,8 @@ split memory alone nothing here imports torch. DESIGN.md "lookup --memory", ENGR
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -229,6 +231,21 @@ def _model_for(files: ModelFiles, model: EngramModel | None, device: str | None)
     return model if model is not None else build_model(files, device)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one CPU thread, restored after. The inputs here are a few tokens: more threads
+    only add synchronisation, and on a busy machine they wait on each other for far longer
+    than the work takes (measured: 0.55 s instead of 0.03 s per lookup on 2 loaded cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(model: EngramModel, ids: list[int], memory: bool) -> ModelOutput:
     import torch
 
@@ -312,7 +329,8 @@ def lookup(files: ModelFiles | MemoryFiles, text: str, layers: list[int] | None 
     result = LookupResult(text, context or None, tokens, result_layers, backbone)
     if backbone:
         assert isinstance(files, ModelFiles)
-        _measure(result, _model_for(files, model, device), tokenizer, values, top_k)
+        with _one_thread():
+            _measure(result, _model_for(files, model, device), tokenizer, values, top_k)
     return result
 
 
@@ -381,9 +399,8 @@ def gates(files: ModelFiles | MemoryFiles, text: str, context: str | None = None
         raise BadInputError(f"branch {branch} does not exist (hc_mult is {config.hc_mult}: "
                             f"branches 0..{config.hc_mult - 1})")
     before = tokenizer.encode(context) if context else []
-    model = _model_for(files, model, device)
-    with torch.inference_mode():
-        out = _run(model, before + raw, memory=True)
+    with _one_thread(), torch.inference_mode():
+        out = _run(_model_for(files, model, device), before + raw, memory=True)
     out_layers = []
     for lid in layer_ids:
         g = out.gates[lid][0, len(before):].float().cpu()  # [T, hc]
@@ -444,8 +461,8 @@ def read_rows(files: ModelFiles | MemoryFiles, layer_id: int, rows: list[int],
         import torch
 
         assert isinstance(files, ModelFiles)
-        model = _model_for(files, model, device)
-        with torch.inference_mode():
+        with _one_thread(), torch.inference_mode():
+            model = _model_for(files, model, device)
             for info, v in zip(infos, vals, strict=True):
                 probs = decode_rows(model, layer_id, [info.column], v[None, :])
                 info.decoded = _top(probs[None, :], top_k, files.tokenizer)[0]

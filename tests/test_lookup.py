@@ -1,5 +1,6 @@
 """lookup, gates and rows: slots as hashing gives them, the JSON scripts rely on, the logit lens,
-gates and predictions against the model, errors, and no torch for a memory alone."""
+gates and predictions against the model, errors, no torch for a memory alone, and what the
+bundled model's memory knows."""
 
 import json
 import math
@@ -19,6 +20,7 @@ from engram_edit.checkpoint import build_model, open_memory, open_model
 from engram_edit.errors import BadInputError
 from engram_edit.hashing import explain
 from engram_edit.inspect import decode_rows, gates, lookup, read_rows
+from engram_edit.paths import bundled_model_dir
 from engram_edit.split import split_model
 
 TEXT = "the cat sat on the mat"
@@ -305,3 +307,27 @@ def test_lookup_with_only_a_memory_does_not_import_torch(memory_dir):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["layers"][0]["ngrams"]
 
+
+
+# --- the bundled model -------------------------------------------------------------------------
+
+def _prob(tops: list, token_id: int) -> float:
+    return next((t.prob for t in tops if t.id == token_id), 0.0)
+
+
+def test_bundled_model_memory_knows_princess_of_wales():
+    """Its rows for "Princess of Wales" decode far from uniform, to the text's own continuation,
+    and the memory lifts "ales" after "Princess of W". A missing model fails here, never skips."""
+    files = open_model(bundled_model_dir())
+    result = lookup(files, "Princess of Wales", top_k=20)
+    ids = [t.id for t in result.tokens]
+    uniform = 1 / files.config.vocab_size
+    ngrams = [(layer.layer_id, g) for layer in result.layers for g in layer.ngrams]
+    assert max(g.decoded[0].prob for _, g in ngrams) >= 200 * uniform
+    best = max((_prob(g.decoded, ids[g.position + 1]), lid, g.text)
+               for lid, g in ngrams if g.position + 1 < len(ids))
+    assert best[0] >= 200 * uniform, f"no n-gram's rows name the next token: best {best}"
+    w = [t.text for t in result.tokens].index(" W")
+    after = result.tokens[w].prediction
+    on, off = _prob(after.memory_on, ids[w + 1]), _prob(after.memory_off, ids[w + 1])
+    assert on >= 2 * off, f"memory on {on:.3f}, off {off:.3f}"
