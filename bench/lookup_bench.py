@@ -10,7 +10,8 @@
    read_bytes) after the same eviction. Goals (issue 5): both medians < 0.5 s, big / small <= 1.5.
 2. With a backbone. Side by side, --repeat rounds: a fresh `engram-edit lookup TEXT --model
    MODEL` (the bundled model by default) against a bare `python -c "import torch"`.
-   Goal: lookup median < import-torch median + 1 s.
+   Goal: lookup median < import-torch median + 1 s. CPU seconds (user + system) of every
+   timed child are recorded too: on a busy machine they separate the work from the wait.
 
 One warm-up run of each command goes first (it also fills the tokenizer's compression cache).
 Results go to bench/results/lookup-<date>.json. Needs --big-gb plus a little free disk in --dir.
@@ -27,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -141,11 +143,20 @@ def resident(file: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
+CPU_SECONDS: list[float] = []  # user + system CPU of each timed child, in order
+
+
 def timed(argv: list[str]) -> float:
-    """Wall seconds of a fresh process running ``argv``; exits the benchmark if it fails."""
+    """Wall seconds of a fresh process running ``argv``; exits the benchmark if it fails.
+
+    Its CPU seconds go to CPU_SECONDS: on a busy machine they show the work apart from the wait.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr}")
     return seconds
@@ -176,17 +187,20 @@ def memory_part(args: argparse.Namespace, tokenizer_file: Path) -> dict:
                         "read_bytes_from_storage": int(done.stderr.strip().splitlines()[-1]),
                         "pages_cached_after_lookup": resident(file)}
     runs: dict[str, list[float]] = {name: [] for name in sizes}
+    cpu: dict[str, list[float]] = {name: [] for name in sizes}
     for k in range(args.repeat):
         order = list(sizes) if k % 2 == 0 else list(reversed(sizes))  # alternate who goes first
         for name in order:
             evict(dirs[name] / "memory.safetensors")
             runs[name].append(timed(argv[name]))
+            cpu[name].append(CPU_SECONDS[-1])
         print(f"round {k + 1}: " + ", ".join(f"{n} {runs[n][-1]:.3f} s" for n in sizes),
               file=sys.stderr)
     median = {name: statistics.median(r) for name, r in runs.items()}
     ratio = median["big"] / median["small"]
     return {
         "memory_file_bytes": made, "row_width": args.width, "runs_s": runs, "median_s": median,
+        "cpu_s": cpu, "median_cpu_s": {name: statistics.median(c) for name, c in cpu.items()},
         "big_over_small": ratio, "checks": checks,
         "goals": {"median_s_max": 0.5, "big_over_small_max": 1.5},
         "goals_met": max(median.values()) < 0.5 and ratio <= 1.5,
@@ -199,14 +213,17 @@ def backbone_part(args: argparse.Namespace) -> dict:
     timed(lookup)
     timed(bare)
     runs: dict[str, list[float]] = {"lookup": [], "import_torch": []}
+    cpu: dict[str, list[float]] = {"lookup": [], "import_torch": []}
     for k in range(args.repeat):
         pairs = [("lookup", lookup), ("import_torch", bare)]
         for name, argv in pairs if k % 2 == 0 else reversed(pairs):
             runs[name].append(timed(argv))
+            cpu[name].append(CPU_SECONDS[-1])
         print(f"round {k + 1}: lookup {runs['lookup'][-1]:.2f} s, import torch "
               f"{runs['import_torch'][-1]:.2f} s", file=sys.stderr)
     median = {name: statistics.median(r) for name, r in runs.items()}
-    return {"model": str(args.model), "runs_s": runs, "median_s": median,
+    return {"model": str(args.model), "runs_s": runs, "median_s": median, "cpu_s": cpu,
+            "median_cpu_s": {name: statistics.median(c) for name, c in cpu.items()},
             "lookup_minus_import_torch_s": median["lookup"] - median["import_torch"],
             "goal": "lookup < import torch + 1 s",
             "goal_met": median["lookup"] < median["import_torch"] + 1.0}
@@ -240,9 +257,11 @@ def main() -> None:
     out = args.results / f"lookup-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     summary = {"memory_median_s": result["memory_alone"]["median_s"],
+               "memory_median_cpu_s": result["memory_alone"]["median_cpu_s"],
                "big_over_small": result["memory_alone"]["big_over_small"]}
     if "with_backbone" in result:
         summary["backbone_median_s"] = result["with_backbone"]["median_s"]
+        summary["backbone_median_cpu_s"] = result["with_backbone"]["median_cpu_s"]
     print(json.dumps(summary))
     print(f"wrote {out}", file=sys.stderr)
 
