@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from commands import corpus, eval, generate, history, info, interop, lookup, split, train
+from commands import corpus, eval, generate, history, index, info, interop, lookup, split, train
 from commands._errors import ErrorMappingGroup
 
 app = typer.Typer(
@@ -19,7 +19,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (info, lookup, generate, eval, split, corpus, train, history, interop):
+for module in (info, lookup, generate, eval, split, corpus, train, history, interop, index):
     module.register(app)
 
 

@@ -1,0 +1,1062 @@
+"""Corpus n-gram index (which n-grams share each table row) and row search (which rows push the
+model toward a token). Owns its index file; tokenizing and hashing are tokenizer.py's and
+hashing.py's, editing is edit/'s. DESIGN.md "index.py" and "Edits"; ENGRAM_SPEC.md sections 1-5.
+
+Index file, version 1 (``ngram-index.safetensors``)
+---------------------------------------------------
+A safetensors file (8-byte little-endian header length, JSON header, byte buffer) with two
+tensors per n-gram order ``n`` in ``orders``:
+
+- ``order.{n}.ngrams``: U16 (compressed vocab <= 65,536) or U32, shape ``[N_n, n]``. The distinct
+  n-grams as compressed token ids, oldest token first, in strictly increasing lexicographic
+  order (no repeats).
+- ``order.{n}.counts``: the smallest of U8/U16/U32/U64 that holds the largest count, shape
+  ``[N_n]``. How often each n-gram occurs in the corpus; every count is >= ``min_count``.
+
+and ``tokens.spelling``, U16 or U32 ``[compressed vocab]``: for each compressed id, the raw token
+id seen most often in the corpus (the lowest raw id when tied or unseen). Compression merges
+" c" with "c" and "The" with "the"; this is only used to print n-grams as the corpus spells them.
+
+``__metadata__`` (strings only): ``format`` = "engram-ngram-index", ``version`` = "1",
+``compression_sha256`` (of the tokenizer's compression table, ENGRAM_SPEC.md 1), ``orders``
+(JSON list), ``min_count``, ``documents``, ``tokens``, ``occurrences`` and ``distinct`` (JSON
+objects order -> number, counted before the ``min_count`` cut) and ``sources`` (JSON list of
+``{"path", "bytes", "sha256"}``, one per input file).
+
+Notes:
+- What is counted: every run of ``n`` consecutive tokens inside one document. N-grams that reach
+  before a document's start (hashed with the pad id) or across two documents are not: how a
+  trainer packs documents is the trainer's choice (ENGRAM_SPEC.md 4).
+- A document is one JSONL line's ``"text"`` (files ending in .jsonl or .ndjson), or one
+  paragraph of any other file (text between blank lines, inner line breaks kept).
+- Slots are not stored. The slot of an n-gram in a column is a pure function of its ids and the
+  hashing config (ENGRAM_SPEC.md 4), so the view per layer and column is hashed from the stored
+  n-grams when first asked for (one batched pass per order, then cached). Storing it would cost
+  4 bytes per n-gram per column per layer, 8x the n-grams themselves for the bundled model, and
+  would tie the file to one seed and table size: as it is, one index serves every model whose
+  tokenizer compresses the same way, which is what ``compression_sha256`` checks.
+- Empty orders are ``[0, n]`` tensors. Unknown metadata keys are ignored. Integers are
+  little-endian. The header is split.py's ``safetensors_header`` with the metadata keys sorted,
+  so the same corpus and tokenizer always give the same bytes.
+
+Why safetensors and not SQLite or npz: it opens by reading the header alone, and each array is
+memory-mapped at its offset, so a count lookup touches a few pages (binary search over the
+sorted n-grams). The format fits on one screen and the project already reads it by offset
+(tensorfile.py). SQLite would store each n-gram as a B-tree row with its own header, several
+times the bytes of a packed uint16 array; compressed npz members cannot be memory-mapped.
+
+Row search: see ``RowSearch``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from engram_edit.checkpoint import MemoryFiles, ModelFiles
+from engram_edit.errors import BadInputError, MismatchError
+from engram_edit.fileio import atomic_write_bytes
+from engram_edit.split import TensorEntry, safetensors_header
+from engram_edit.tensorfile import TensorLocation, read_header
+from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
+
+if TYPE_CHECKING:
+    from engram_edit.model import EngramModel
+
+INDEX_FORMAT = "engram-ngram-index"
+INDEX_VERSION = "1"
+INDEX_FILE = "ngram-index.safetensors"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+BATCH_CHARS = 4 << 20  # characters of text tokenized per batch
+SEARCH_BATCH_CHARS = 256 << 10  # smaller when looking for text: the search may stop early
+MERGE_ENTRIES = 16 << 20  # partial counts held per order before they are merged
+HASH_CHUNK = 1 << 17  # n-grams hashed per call when a slot view is built
+NGRAM_POOL = 256  # n-grams with the best lens push that search runs through the model
+SERIAL_SCAN = 1 << 24  # multiply-adds of one query over one column searched on one thread
+_NUMPY = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+
+Progress = Callable[[int, int], None]  # (bytes read, bytes in all inputs)
+
+
+def bundled_index_file() -> Path:
+    """The bundled model's index of its own training corpus (package data)."""
+    return Path(__file__).resolve().parent / "bundled" / "index" / INDEX_FILE
+
+
+def own_index_file(files: ModelFiles | MemoryFiles) -> Path:
+    """Where ``engram-edit index`` writes a model's index by default: its ``.engram/`` folder."""
+    home = files.memory_dir if isinstance(files, ModelFiles) else files.path
+    return home / ".engram" / INDEX_FILE
+
+
+class Sharer(NamedTuple):
+    text: str  # the n-gram as the hash sees it: decoded, then the compression normal form
+    count: int  # occurrences in the indexed corpus
+
+
+class SlotLoad(NamedTuple):
+    ngrams: int  # distinct indexed n-grams that read this row
+    occurrences: int  # their occurrences in the corpus, summed
+
+
+@dataclass
+class SourceFile:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class IndexInfo:
+    path: str
+    compression_sha256: str
+    orders: list[int]
+    min_count: int
+    documents: int
+    tokens: int
+    occurrences: dict[int, int]  # n-grams seen per order, before the min_count cut
+    distinct: dict[int, int]  # distinct n-grams per order, before the cut
+    kept: dict[int, int]  # distinct n-grams per order in the file
+    sources: list[SourceFile]
+    nbytes: int  # size of the index file
+
+
+@dataclass
+class LayerLoad:
+    """How crowded one layer's rows are, counting the indexed n-grams only."""
+
+    layer_id: int
+    rows: int
+    used: int  # rows read by at least one n-gram
+    shared: int  # rows read by two or more
+    max_ngrams: int  # the most n-grams on one row
+    mean_ngrams: float  # n-grams per used row
+
+
+@dataclass
+class BuildReport:
+    info: IndexInfo
+    layers: list[LayerLoad]
+    seconds: float
+    ngrams_per_second: float  # n-gram occurrences counted per second, reading and writing included
+
+
+# --- reading corpora ----------------------------------------------------------------------------
+
+def _documents(path: Path, digest: Any) -> Iterator[tuple[str, int]]:
+    """(document, bytes read so far) of one corpus file; ``digest`` sees every byte."""
+    jsonl = path.suffix.lower() in JSONL_SUFFIXES
+    done, paragraph = 0, []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            digest.update(raw)
+            done += len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInputError(f"{path}:{number}: not UTF-8 text") from None
+            if jsonl:
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise BadInputError(f"{path}:{number}: not a JSON object with a string "
+                                        f"'text'")
+                yield text, done
+            elif line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).rstrip("\r\n"), done
+                paragraph = []
+    if paragraph:
+        yield "".join(paragraph).rstrip("\r\n"), done
+
+
+def _check_sources(paths: Sequence[Path]) -> list[Path]:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise BadInputError("no corpus files given")
+    problems = [f"{p}: no such file" for p in paths if not p.is_file()]
+    if problems:
+        raise BadInputError(problems)
+    return paths
+
+
+# --- counting -----------------------------------------------------------------------------------
+
+def _keys(columns: Sequence[np.ndarray], vocab: int) -> np.ndarray:
+    """One sortable key per n-gram given as id columns (oldest first); sorting the keys sorts
+    the n-grams lexicographically. An int64 ``sum(id_j * vocab**(n-1-j))`` when that fits, else
+    the big-endian int64 ids viewed as one opaque value (compared bytewise, so in the same
+    order)."""
+    if vocab ** len(columns) <= np.iinfo(np.int64).max:
+        keys = np.asarray(columns[0], np.int64)
+        for col in columns[1:]:
+            keys = keys * vocab + col
+        return keys
+    rows = np.ascontiguousarray(np.stack(columns, axis=1).astype(">i8"))
+    return rows.view(np.dtype((np.void, 8 * len(columns)))).reshape(-1)
+
+
+def _ngrams_of(keys: np.ndarray, order: int, vocab: int) -> np.ndarray:
+    """The inverse of ``_keys``: ``[N, order]`` int64 ids."""
+    if keys.dtype.kind == "V":
+        return keys.view(">i8").reshape(-1, order).astype(np.int64)
+    grams = np.empty((len(keys), order), np.int64)
+    for j in range(order - 1, -1, -1):
+        keys, grams[:, j] = np.divmod(keys, vocab)
+    return grams
+
+
+class _OrderCounter:
+    """Distinct n-grams of one order with their counts, merged batch by batch."""
+
+    def __init__(self, order: int, vocab: int):
+        self.order, self.vocab = order, vocab
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending = 0
+        self.occurrences = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        """Count n-grams given as ``_keys``."""
+        uniq, counts = np.unique(keys, return_counts=True)
+        self.parts.append((uniq, counts.astype(np.int64)))
+        self.pending += len(uniq)
+        self.occurrences += len(keys)
+        if self.pending > MERGE_ENTRIES:
+            self._merge()
+
+    def _merge(self) -> None:
+        if len(self.parts) > 1:
+            keys = np.concatenate([k for k, _ in self.parts])
+            counts = np.concatenate([c for _, c in self.parts])
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            summed = np.bincount(inverse, weights=counts, minlength=len(uniq))
+            self.parts = [(uniq, summed.astype(np.int64))]  # float64 is exact below 2**53
+        self.pending = len(self.parts[0][0]) if self.parts else 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct n-grams ``[N, order]`` int64 in lexicographic order, and their counts."""
+        self._merge()
+        if not self.parts:
+            return np.zeros((0, self.order), np.int64), np.zeros(0, np.int64)
+        keys, counts = self.parts[0]
+        return _ngrams_of(keys, self.order, self.vocab), counts
+
+
+@dataclass
+class _Batch:
+    """Documents tokenized together: raw and compressed ids, concatenated."""
+
+    raw: np.ndarray  # int64 [T]
+    ids: np.ndarray  # compressed, int64 [T]
+    position: np.ndarray  # index of each token within its document, [T]
+
+    @classmethod
+    def encode(cls, texts: list[str], tokenizer: EngramTokenizer) -> _Batch:
+        encodings = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
+        lengths = np.array([len(e.ids) for e in encodings], np.int64)
+        raw = np.concatenate([np.asarray(e.ids, np.int64) for e in encodings] +
+                             [np.zeros(0, np.int64)])
+        starts = np.cumsum(lengths) - lengths
+        return cls(raw, tokenizer.compression[raw], np.arange(len(raw)) - np.repeat(starts,
+                                                                                    lengths))
+
+    def ngrams(self, order: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+        """(last token's index, ``_keys``) of every n-gram of ``order`` inside a document."""
+        ends = np.flatnonzero(self.position >= order - 1)
+        return ends, _keys([self.ids[ends - (order - 1) + j] for j in range(order)], vocab)
+
+
+def _batches(paths: Sequence[Path], digests: list[Any] | None = None,
+             chars_per_batch: int = BATCH_CHARS) -> Iterator[tuple[list[str], int]]:
+    """Documents of the files in batches of about ``chars_per_batch`` characters, with the
+    bytes of all files read so far; ``digests`` gets one sha256 per file, fed every byte."""
+    done_before = 0
+    for path in paths:
+        digest = hashlib.sha256()
+        if digests is not None:
+            digests.append(digest)
+        batch: list[str] = []
+        chars = 0
+        for text, done in _documents(path, digest):
+            batch.append(text)
+            chars += len(text)
+            if chars >= chars_per_batch:
+                yield batch, done_before + done
+                batch, chars = [], 0
+        done_before += path.stat().st_size
+        yield batch, done_before
+
+
+def _spelling(compression: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Per compressed id, its most often seen raw id (the lowest when tied or unseen)."""
+    raw = np.arange(len(compression))
+    by_group = np.lexsort((raw, -seen, compression))  # group, then most seen, then lowest id
+    _, first = np.unique(compression[by_group], return_index=True)
+    return raw[by_group[first]]
+
+
+def _smallest_uint(largest: int) -> type:
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return dtype
+    return np.uint64
+
+
+def build_index(corpus: Sequence[str | Path], files: ModelFiles | MemoryFiles,
+                out: str | Path, min_count: int = 1,
+                progress: Progress | None = None) -> BuildReport:
+    """Count the n-grams of text files as the model's Engram layers see them, and write an index.
+
+    Streams the files batch by batch through the tokenizer and the compression table; keeps the
+    distinct n-grams of orders 2..max n-gram of the model with their counts (format: module
+    docstring). The file is written atomically.
+
+    Args:
+        corpus (`Sequence[str | Path]`): JSONL files with a "text" field (.jsonl, .ndjson) or
+            plain text files (one document per paragraph).
+        files (`ModelFiles | MemoryFiles`): the model (or split memory) whose tokenizer and
+            n-gram orders to use.
+        out (`str | Path`): the index file to write; replaced if it exists.
+        min_count (`int`, defaults to 1): keep only n-grams seen at least this often.
+        progress (`Callable[[int, int], None] | None`): called after each batch with the bytes
+            read so far and the bytes of all inputs.
+
+    Returns:
+        `BuildReport`: what the file holds, how crowded each layer's rows are, and the speed.
+
+    Raises:
+        BadInputError: a missing corpus file (all are listed), a line that is not UTF-8 or not
+            a JSON object with a string "text", a min_count below 1.
+
+    Example:
+        >>> files = open_model("my-model")  # doctest: +SKIP
+        >>> build_index(["train.jsonl"], files, "ngrams.safetensors").info.kept  # doctest: +SKIP
+    """
+    if min_count < 1:
+        raise BadInputError(f"min_count must be at least 1, got {min_count}")
+    paths = _check_sources(corpus)
+    started = time.perf_counter()
+    tokenizer = files.tokenizer
+    vocab = tokenizer.compressed_vocab_size
+    counters = {n: _OrderCounter(n, vocab) for n in files.config.engram_orders}
+    seen = np.zeros(tokenizer.vocab_size, np.int64)  # occurrences of each raw token
+    total_bytes = sum(p.stat().st_size for p in paths)
+    report = progress or (lambda done, total: None)
+    documents, tokens, digests = 0, 0, []
+    for texts, done in _batches(paths, digests):
+        batch = _Batch.encode(texts, tokenizer)
+        for order, counter in counters.items():
+            counter.add(batch.ngrams(order, vocab)[1])
+        seen += np.bincount(batch.raw, minlength=len(seen))
+        documents += len(texts)
+        tokens += len(batch.raw)
+        report(done, total_bytes)
+    sources = [SourceFile(str(p), p.stat().st_size, d.hexdigest())
+               for p, d in zip(paths, digests, strict=True)]
+    id_type = _smallest_uint(max(vocab - 1, 0))
+    tensors = {"tokens.spelling": _spelling(tokenizer.compression, seen).astype(id_type)}
+    occurrences, distinct = {}, {}
+    for n, counter in counters.items():
+        grams, counts = counter.result()
+        occurrences[n], distinct[n] = counter.occurrences, len(counts)
+        keep = counts >= min_count
+        tensors[f"order.{n}.ngrams"] = np.ascontiguousarray(grams[keep].astype(id_type))
+        kept = counts[keep]
+        tensors[f"order.{n}.counts"] = kept.astype(_smallest_uint(int(kept.max(initial=0))))
+    metadata = {
+        "format": INDEX_FORMAT, "version": INDEX_VERSION,
+        "compression_sha256": tokenizer.compression_sha256,
+        "orders": json.dumps(list(counters)), "min_count": str(min_count),
+        "documents": str(documents), "tokens": str(tokens),
+        "occurrences": json.dumps(occurrences), "distinct": json.dumps(distinct),
+        "sources": json.dumps([vars(s) for s in sources]),
+    }
+    atomic_write_bytes(out, _safetensors_bytes(tensors, metadata))
+    index = NgramIndex.open(out, files)
+    seconds = time.perf_counter() - started
+    return BuildReport(index.info, index.layer_loads(), seconds,
+                       sum(occurrences.values()) / max(seconds, 1e-9))
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The whole file; unlike ``safetensors.numpy.save``, whose ``__metadata__`` key order
+    changes from run to run, the same input always gives the same bytes."""
+    codes = {np.dtype(v): k for k, v in _NUMPY.items()}
+    entries = [TensorEntry(name, codes[a.dtype], a.shape) for name, a in tensors.items()]
+    head, offsets = safetensors_header(entries, dict(sorted(metadata.items())))
+    order = sorted(tensors, key=lambda name: offsets[name])
+    return head + b"".join(np.ascontiguousarray(tensors[n], tensors[n].dtype.newbyteorder("<"))
+                           .tobytes() for n in order)
+
+
+# --- the opened index ---------------------------------------------------------------------------
+
+def _memmap(loc: TensorLocation) -> np.ndarray:
+    dtype = np.dtype(_NUMPY[loc.dtype]).newbyteorder("<")
+    if loc.numel == 0:
+        return np.zeros(loc.shape, dtype)
+    return np.memmap(loc.path, dtype=dtype, mode="r", offset=loc.offset, shape=loc.shape)
+
+
+class _SortedRows:
+    """Rows of a sorted ``[N, n]`` array as tuples, for ``bisect`` (reads O(log N) rows)."""
+
+    def __init__(self, grams: np.ndarray):
+        self.grams = grams
+
+    def __len__(self) -> int:
+        return len(self.grams)
+
+    def __getitem__(self, i: int) -> tuple[int, ...]:
+        return tuple(self.grams[i].tolist())
+
+
+def _meta_json(meta: dict[str, str], key: str, source: Path) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise BadInputError(f"{source}: __metadata__ {key!r} is missing or not JSON") from None
+
+
+class NgramIndex:
+    """An index file opened against a model: counts, and which n-grams read each row.
+
+    Opening reads the header only; the arrays are memory-mapped. The slot view of an order is
+    hashed on first use (``HASH_CHUNK`` n-grams at a time) and cached for every layer.
+    """
+
+    def __init__(self, path: Path, info: IndexInfo, grams: dict[int, np.ndarray],
+                 counts: dict[int, np.ndarray], spelling: np.ndarray,
+                 files: ModelFiles | MemoryFiles):
+        self.path, self.info, self.grams, self.counts = path, info, grams, counts
+        self.spelling = np.asarray(spelling, np.int64)
+        self.tokenizer = files.tokenizer
+        self.hasher = files.hasher
+        self._slots: dict[tuple[int, int], np.ndarray] = {}  # (layer, order) -> [N, heads]
+
+    @classmethod
+    def open(cls, path: str | Path, files: ModelFiles | MemoryFiles) -> NgramIndex:
+        """Open an index file for the model (or memory) ``files``.
+
+        Raises:
+            BadInputError: not an index file, or a damaged one (each problem named).
+            MismatchError: the index was built with a tokenizer that compresses differently,
+                or lacks an n-gram order the model hashes.
+        """
+        path = Path(path)
+        header = read_header(path)
+        meta = header.metadata
+        if meta.get("format") != INDEX_FORMAT:
+            raise BadInputError(f"{path}: not an n-gram index (format is not {INDEX_FORMAT!r})")
+        if meta.get("version") != INDEX_VERSION:
+            raise BadInputError(f"{path}: index version {meta.get('version')!r}; this "
+                                f"engram-edit reads version {INDEX_VERSION} (rebuild it with "
+                                f"`engram-edit index`)")
+        orders = [int(n) for n in _meta_json(meta, "orders", path)]
+        grams, counts, problems = {}, {}, []
+        for n in orders:
+            g = header.tensors.get(f"order.{n}.ngrams")
+            c = header.tensors.get(f"order.{n}.counts")
+            if g is None or c is None:
+                problems.append(f"{path}: order {n}: tensors order.{n}.ngrams and "
+                                f"order.{n}.counts are required")
+            elif g.dtype not in _NUMPY or c.dtype not in _NUMPY:
+                problems.append(f"{path}: order {n}: ids and counts must be unsigned integers")
+            elif len(g.shape) != 2 or g.shape[1] != n or c.shape != (g.shape[0],):
+                problems.append(f"{path}: order {n}: shapes {list(g.shape)} and "
+                                f"{list(c.shape)} do not fit [N, {n}] and [N]")
+            else:
+                grams[n], counts[n] = _memmap(g), _memmap(c)
+        spelling = header.tensors.get("tokens.spelling")
+        if spelling is None or spelling.dtype not in _NUMPY or len(spelling.shape) != 1:
+            problems.append(f"{path}: tokens.spelling: missing, or not an unsigned [vocab] "
+                            f"tensor")
+        if problems:
+            raise BadInputError(problems)
+        tokenizer = files.tokenizer
+        if meta.get("compression_sha256") != tokenizer.compression_sha256:
+            problems.append(f"{path}: built with another tokenizer (compression table sha256 "
+                            f"{str(meta.get('compression_sha256'))[:12]}, the model's is "
+                            f"{tokenizer.compression_sha256[:12]}); rebuild it with "
+                            f"`engram-edit index`")
+        missing = sorted(set(files.config.engram_orders) - set(orders))
+        if missing:
+            problems.append(f"{path}: holds n-gram orders {orders}, the model also hashes "
+                            f"{missing}; rebuild it with `engram-edit index`")
+        if problems:
+            raise MismatchError(problems)
+
+        def per_order(key: str) -> dict[int, int]:
+            return {int(k): int(v) for k, v in _meta_json(meta, key, path).items()}
+
+        info = IndexInfo(
+            str(path), meta["compression_sha256"], orders, int(_meta_json(meta, "min_count", path)),
+            int(_meta_json(meta, "documents", path)), int(_meta_json(meta, "tokens", path)),
+            per_order("occurrences"), per_order("distinct"),
+            {n: len(counts[n]) for n in orders},
+            [SourceFile(**s) for s in _meta_json(meta, "sources", path)], header.file_size)
+        return cls(path, info, grams, counts, _memmap(spelling), files)
+
+    # --- n-grams --------------------------------------------------------------------------------
+    def ngram_ids(self, text: str) -> tuple[int, ...]:
+        """The compressed ids of ``text`` as one n-gram (encoded without special tokens)."""
+        ids = self.tokenizer.compress(self.tokenizer.encode(text)).tolist()
+        if not 2 <= len(ids) <= max(self.info.orders):
+            raise BadInputError(f"{text!r} is {len(ids)} token(s); an indexed n-gram has "
+                                f"{min(self.info.orders)} to {max(self.info.orders)}")
+        return tuple(ids)
+
+    def ngram_text(self, ids: Sequence[int]) -> str:
+        """An n-gram of compressed ids as text: each id's most common spelling in the corpus,
+        decoded, then put in the compression normal form (lowercase, outer spaces stripped)."""
+        text = self.tokenizer.decode(self.spelling[np.asarray(ids, np.int64)].tolist())
+        return compression_normalizer().normalize_str(text) or text
+
+    def ngram_count(self, ngram: str | Sequence[int]) -> int:
+        """Occurrences of one n-gram in the corpus: text, or compressed ids (0 when absent, or
+        when it was cut by ``min_count``). Reads O(log N) rows of the file."""
+        ids = self.ngram_ids(ngram) if isinstance(ngram, str) else tuple(int(i) for i in ngram)
+        if len(ids) not in self.grams:
+            raise BadInputError(f"the index holds n-grams of {self.info.orders} tokens, "
+                                f"not {len(ids)}")
+        rows = _SortedRows(self.grams[len(ids)])
+        at = bisect.bisect_left(rows, ids)
+        return int(self.counts[len(ids)][at]) if at < len(rows) and rows[at] == ids else 0
+
+    # --- slots ----------------------------------------------------------------------------------
+    def _order_slots(self, layer_id: int, order: int) -> np.ndarray:
+        """Slot of every indexed n-gram of ``order`` in each head's column: ``[N, heads]``."""
+        key = (layer_id, order)
+        if key not in self._slots:
+            h = self.hasher
+            cols = [h.column(order, j) for j in range(h.n_heads)]
+            grams = self.grams[order]
+            slot_type = _smallest_uint(max(int(p.max()) for p in h.primes.values()))
+            out = {lid: np.empty((len(grams), h.n_heads), slot_type) for lid in h.layer_ids}
+            for a in range(0, len(grams), HASH_CHUNK):
+                chunk = np.asarray(grams[a:a + HASH_CHUNK], np.int64)
+                for lid, slots in h.slots(chunk).items():  # [M, order, columns]
+                    out[lid][a:a + len(chunk)] = slots[:, order - 1, cols]
+            self._slots.update({(lid, order): s for lid, s in out.items()})
+        return self._slots[key]
+
+    def _members(self, layer_id: int, row: int) -> tuple[int, np.ndarray]:
+        """(order, indices of its indexed n-grams) that read global ``row`` of a layer."""
+        h = self.hasher
+        if layer_id not in h.layer_ids:
+            raise BadInputError(f"layer {layer_id} is not an Engram layer (Engram layers: "
+                                f"{h.layer_ids})")
+        try:
+            column, slot = h.locate(layer_id, row)
+        except IndexError:
+            raise BadInputError(f"row {row} is out of range for layer {layer_id} "
+                                f"({h.rows_per_layer[layer_id]} rows)") from None
+        order, head = h.column_order_head(column)
+        return order, np.flatnonzero(self._order_slots(layer_id, order)[:, head] == slot)
+
+    def members(self, layer_id: int, row: int) -> list[tuple[tuple[int, ...], int]]:
+        """(compressed ids, count) of every indexed n-gram that reads a row, most frequent
+        first (ties: lexicographic)."""
+        order, members = self._members(layer_id, row)
+        counts = np.asarray(self.counts[order][members], np.int64)
+        members = members[np.argsort(-counts, kind="stable")]
+        grams = np.asarray(self.grams[order][members], np.int64).tolist()
+        return [(tuple(g), int(self.counts[order][m]))
+                for g, m in zip(grams, members.tolist(), strict=True)]
+
+    def sharers(self, layer_id: int, row: int, top_k: int | None = None,
+                exclude: Iterable[Sequence[int]] = ()) -> list[Sharer]:
+        """The indexed n-grams that read a row, most frequent first (ties: lexicographic).
+
+        Args:
+            layer_id (`int`): an Engram layer.
+            row (`int`): global row in that layer's table.
+            top_k (`int | None`): at most this many; all when None.
+            exclude (`Iterable[Sequence[int]]`): n-grams (compressed ids, e.g. from
+                ``ngram_ids``) to leave out, such as the one being edited.
+
+        Returns:
+            `list[Sharer]`: (text, count) pairs.
+
+        Example:
+            >>> index.sharers(0, 51234, top_k=3)  # doctest: +SKIP
+            [Sharer(text='the ottoman', count=412), ...]
+        """
+        skip = {tuple(int(i) for i in g) for g in exclude}
+        kept = [(g, c) for g, c in self.members(layer_id, row) if g not in skip]
+        return [Sharer(self.ngram_text(g), c) for g, c in kept[:top_k]]
+
+    def rows_of(self, layer_id: int, ids: Sequence[int]) -> list[int]:
+        """The global row each head of a layer reads for one n-gram (compressed ids)."""
+        h = self.hasher
+        rows = h.rows(np.asarray(ids, np.int64)[None, :])[layer_id][0, -1]
+        return [int(rows[h.column(len(ids), j)]) for j in range(h.n_heads)]
+
+    def slot_load(self, layer_id: int, row: int) -> SlotLoad:
+        """How many indexed n-grams read a row, and how often they occur together."""
+        order, members = self._members(layer_id, row)
+        return SlotLoad(len(members), int(np.asarray(self.counts[order][members]).sum()))
+
+    def slot_loads(self, layer_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``slot_load`` of every row of a layer at once: (n-grams, occurrences), int64 each."""
+        h = self.hasher
+        size = h.rows_per_layer[layer_id]
+        ngrams, occurrences = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        for order in self.info.orders:
+            if order > h.max_ngram:
+                continue
+            slots = self._order_slots(layer_id, order)
+            counts = np.asarray(self.counts[order], np.float64)
+            for j in range(h.n_heads):
+                rows = slots[:, j].astype(np.int64) + h.offsets[layer_id][h.column(order, j)]
+                ngrams += np.bincount(rows, minlength=size)
+                occurrences += np.bincount(rows, weights=counts, minlength=size).astype(np.int64)
+        return ngrams, occurrences
+
+    def layer_loads(self) -> list[LayerLoad]:
+        """How crowded each Engram layer's rows are."""
+        out = []
+        for lid in self.hasher.layer_ids:
+            ngrams, _ = self.slot_loads(lid)
+            used = int((ngrams > 0).sum())
+            out.append(LayerLoad(lid, len(ngrams), used, int((ngrams > 1).sum()),
+                                 int(ngrams.max(initial=0)), float(ngrams.sum() / max(used, 1))))
+        return out
+
+    # --- corpus text ----------------------------------------------------------------------------
+    def sample_contexts(self, ngrams: Iterable[Sequence[int]],
+                        corpus: Sequence[str | Path] | None = None, per_ngram: int = 2,
+                        context_tokens: int = 32) -> dict[tuple[int, ...], list[str]]:
+        """Corpus text that ends with each n-gram: prompts whose next-token prediction reads the
+        n-gram's rows (for the locality term of an edit).
+
+        Streams ``corpus`` (default: the index's own sources) batch by batch and stops once
+        every n-gram has ``per_ngram`` texts. Each text is the n-gram with up to
+        ``context_tokens`` tokens of its document before it, decoded.
+
+        Args:
+            ngrams (`Iterable[Sequence[int]]`): compressed ids, e.g. from ``ngram_ids``.
+            corpus (`Sequence[str | Path] | None`): files to read, in the formats of
+                ``build_index``.
+            per_ngram (`int`, defaults to 2): texts wanted per n-gram.
+            context_tokens (`int`, defaults to 32): tokens kept before each n-gram.
+
+        Returns:
+            `dict[tuple[int, ...], list[str]]`: per n-gram, its texts in corpus order (fewer
+            than ``per_ngram`` when the corpus has fewer).
+
+        Raises:
+            BadInputError: no corpus given and the index's sources are gone, or a missing file.
+        """
+        wanted: dict[tuple[int, ...], list[str]] = {tuple(int(i) for i in g): [] for g in ngrams}
+        if not wanted:
+            return wanted
+        if corpus is None:
+            corpus = [s.path for s in self.info.sources if Path(s.path).is_file()]
+            if not corpus:
+                raise BadInputError(f"{self.path}: its corpus files are gone "
+                                    f"({', '.join(s.path for s in self.info.sources)}); "
+                                    f"pass corpus files")
+        vocab = self.tokenizer.compressed_vocab_size
+        orders = sorted({len(g) for g in wanted})
+        for texts, _ in _batches(_check_sources(corpus), chars_per_batch=SEARCH_BATCH_CHARS):
+            batch = _Batch.encode(texts, self.tokenizer)
+            for n in orders:
+                open_ = [g for g in wanted if len(g) == n and len(wanted[g]) < per_ngram]
+                if not open_:
+                    continue
+                ends, keys = batch.ngrams(n, vocab)
+                hits = np.flatnonzero(np.isin(keys, _keys(np.array(open_).T, vocab)))
+                for end in ends[hits].tolist():
+                    gram = tuple(batch.ids[end - n + 1:end + 1].tolist())
+                    if len(wanted[gram]) < per_ngram:
+                        start = max(end - int(batch.position[end]), end + 1 - n - context_tokens)
+                        wanted[gram].append(self.tokenizer.decode(batch.raw[start:end + 1]
+                                                                  .tolist()))
+            if all(len(texts) >= per_ngram for texts in wanted.values()):
+                break
+        return wanted
+
+
+def default_index_for(files: ModelFiles | MemoryFiles) -> NgramIndex | None:
+    """The index that goes with a model: its own (``.engram/ngram-index.safetensors`` beside
+    its rows), else the bundled one when the tokenizer matches; None when there is neither.
+
+    Raises:
+        MismatchError: the model's own index no longer fits it (rebuild it).
+    """
+    own = own_index_file(files)
+    if own.is_file():
+        return NgramIndex.open(own, files)
+    bundled = bundled_index_file()
+    if bundled.is_file():
+        try:
+            return NgramIndex.open(bundled, files)
+        except MismatchError:
+            return None
+    return None
+
+
+# --- row search ---------------------------------------------------------------------------------
+
+@dataclass
+class TokenPush:
+    id: int
+    token: str  # the text the token decodes to ("" without a tokenizer)
+    push: float  # centered logit push (see RowSearch)
+
+
+@dataclass
+class RowHit:
+    layer_id: int
+    row: int
+    column: int
+    order: int
+    head: int
+    slot: int
+    score: float  # push toward the token in logits (see RowSearch)
+    top_tokens: list[TokenPush]  # the tokens this row pushes hardest
+    sharers: list[Sharer] | None = None  # with an index: the n-grams that read the row
+    load: SlotLoad | None = None
+
+
+@dataclass
+class NgramHit:
+    layer_id: int  # the layer whose rows push it hardest (``push``, ``rows``)
+    text: str
+    ids: list[int]  # compressed ids
+    count: int  # occurrences in the indexed corpus
+    push: float  # the summed score of the rows its heads read in this layer
+    rows: list[int]  # the row each head reads in this layer
+    prob: float  # probability of the token right after the n-gram read alone, memory on
+    effect: float  # ``prob`` minus the same with every Engram layer off
+
+
+@dataclass
+class SearchResult:
+    query: str
+    token_id: int
+    token: str
+    query_tokens: list[str]  # what the query encodes to; the search uses the first
+    scale: float  # the typical RMS of the final norm's input used for the scores
+    hits: list[RowHit] = field(default_factory=list)
+    ngrams: list[NgramHit] | None = None  # with an index: the n-grams that push hardest
+
+
+def resolve_token(tokenizer: EngramTokenizer, query: str) -> tuple[int, list[int]]:
+    """The token a query means: its encoding when that is one token, else the vocab entry
+    spelled exactly so (e.g. "ĠEmpire"), else the first token of its encoding."""
+    ids = tokenizer.encode(query) if query else []
+    if len(ids) != 1:
+        exact = tokenizer.token_id(query) if query else None
+        if exact is not None:
+            return exact, [exact]
+    if not ids:
+        raise BadInputError(f"{query!r} encodes to no tokens: give a token or a text")
+    return ids[0], ids
+
+
+class RowSearch:
+    """Exact inner-product search over every row's push on the next-token logits.
+
+    A row ``r`` in column ``c`` of a layer adds ``W_c r`` to the value ``v`` (``W_c``: the
+    value projection's columns for ``c``), and ``v`` reaches the residual streams with gate
+    <= 1 (ENGRAM_SPEC.md 5). Read out as the model reads its streams at the last layer, with
+    gate 1 and no later block, its push on the logits is linear:
+    ``rho * H diag(g) W_c r / s``, where ``g`` is the final RMSNorm's weight, ``H`` the LM head,
+    ``rho`` what the readout makes of equal streams (1 for "mean") and ``s`` the final norm's
+    divisor, which depends on the whole residual, not on one row: it is taken as its typical
+    value, the median over the positions of calibration text. The bias ``b_v`` is left out
+    because every lookup adds it, whichever rows it reads. Logits are centered (the mean head
+    row subtracted) because a push shared by every token changes no probability.
+
+    The score of row ``r`` for token ``t`` is then ``a_{c,t} . r`` with
+    ``a_{c,t} = rho / s * W_c^T diag(g) (h_t - mean(h))``: a query of width ``head_dim`` per
+    column, searched with a faiss ``IndexFlatIP`` over that column's rows (exact; on the GPU
+    when faiss has one). The per-row logit lens of ``inspect.decode_rows`` (bias included,
+    each row normalised alone) answers "what does this row say"; this answers "which rows push
+    hardest", so a large row outranks a faint one pointing the same way.
+    """
+
+    def __init__(self, rows: dict[int, np.ndarray], offsets: dict[int, np.ndarray],
+                 primes: dict[int, np.ndarray], projections: dict[int, np.ndarray],
+                 head: np.ndarray, scale: float, n_heads: int,
+                 tokenizer: EngramTokenizer | None = None):
+        """Low-level constructor; ``build`` makes one from a model.
+
+        Args:
+            rows: layer id -> its table as float32 ``[rows, head_dim]``.
+            offsets, primes: layer id -> first row and row count of each column.
+            projections: layer id -> ``[columns, head_dim, hidden]``, ``rho / s * W_c^T diag(g)``.
+            head: centered LM head ``[vocab, hidden]`` float32.
+            scale: the ``s`` folded into ``projections`` (reported only).
+            n_heads: hash heads per n-gram order.
+            tokenizer: names the tokens of ``RowHit.top_tokens`` when given.
+        """
+        import faiss
+
+        self.rows, self.offsets, self.primes = rows, offsets, primes
+        self.projections, self.head, self.scale, self.n_heads = projections, head, scale, n_heads
+        self.tokenizer = tokenizer
+        gpu = faiss.StandardGpuResources() if _faiss_gpus(faiss) else None
+        self.indexes: dict[int, list[Any]] = {}
+        for lid, table in rows.items():
+            self.indexes[lid] = []
+            for c, (a, p) in enumerate(zip(offsets[lid], primes[lid], strict=True)):
+                index = faiss.IndexFlatIP(table.shape[1])
+                index.add(np.ascontiguousarray(table[a:a + p]))
+                self.indexes[lid].append(faiss.index_cpu_to_gpu(gpu, 0, index) if gpu else index)
+                assert self.indexes[lid][c].ntotal == p, "a column's index lost rows"
+
+    @classmethod
+    def build(cls, model: EngramModel, scale: float | None = None,
+              calibration: Sequence[str] | None = None,
+              tokenizer: EngramTokenizer | None = None) -> RowSearch:
+        """Index every row of every Engram layer of ``model``.
+
+        Args:
+            model (`EngramModel`): the model; rows and weights are copied to float32 numpy.
+            scale (`float | None`): the final norm's divisor ``s``; measured when None.
+            calibration (`Sequence[str] | None`): texts to measure ``s`` on (needs
+                ``tokenizer``); default: the first documents of the bundled held-out file.
+            tokenizer (`EngramTokenizer | None`): encodes ``calibration`` and names tokens.
+        """
+        import torch
+
+        config = model.config
+        if scale is None:
+            scale = typical_scale(model, tokenizer, calibration)
+        with torch.no_grad():
+            head = (model.embed_tokens.weight if model.lm_head is None
+                    else model.lm_head.weight).float().cpu().numpy()
+            gain = model.norm.weight.float().cpu().numpy()
+            rho = 1.0
+            if config.hc_readout == "learned":
+                rho = float(torch.sigmoid(model.readout.logits).sum())
+            rows, projections = {}, {}
+            d, cols = config.engram_head_dim, config.engram_columns
+            for lid in config.engram_layer_ids:
+                engram = model.engram(lid)
+                rows[lid] = engram.embed.weight.float().cpu().numpy()
+                w = engram.value_proj.weight.float().cpu().numpy()  # [hidden, cols * d]
+                w = w.T.reshape(cols, d, -1)  # [cols, d, hidden]
+                projections[lid] = (rho / scale) * w * gain
+        hasher = model.hasher
+        return cls(rows, hasher.offsets, hasher.primes, projections,
+                   head - head.mean(0, keepdims=True), scale, config.engram_n_heads, tokenizer)
+
+    def queries(self, layer_id: int, token_id: int) -> np.ndarray:
+        """The query of every column of a layer for one token: ``[columns, head_dim]``."""
+        return self.projections[layer_id] @ self.head[token_id]
+
+    def top_rows(self, token_id: int, top_k: int = 10,
+                 layers: Sequence[int] | None = None) -> list[tuple[float, int, int, int]]:
+        """(score, layer id, column, slot) of the ``top_k`` rows that push hardest toward
+        ``token_id`` over the given layers (default all), best first."""
+        if top_k < 1:
+            raise BadInputError(f"top_k must be at least 1, got {top_k}")
+        if not 0 <= token_id < len(self.head):
+            raise BadInputError(f"token id {token_id} is out of range (vocab {len(self.head)})")
+        layer_ids = list(self.rows) if layers is None else list(layers)
+        bad = [lid for lid in layer_ids if lid not in self.rows]
+        if bad:
+            raise BadInputError([f"layer {lid} is not an Engram layer (Engram layers: "
+                                 f"{list(self.rows)})" for lid in bad])
+        import faiss
+
+        found = []
+        threads = faiss.omp_get_max_threads()
+        try:
+            for lid in layer_ids:
+                q = np.ascontiguousarray(self.queries(lid, token_id), np.float32)
+                for c, index in enumerate(self.indexes[lid]):
+                    # A small scan takes milliseconds: OpenMP threads would only add
+                    # synchronisation, and spin for long when other processes hold the cores.
+                    small = index.ntotal * index.d <= SERIAL_SCAN
+                    faiss.omp_set_num_threads(1 if small else threads)
+                    scores, slots = index.search(q[c:c + 1], min(top_k, index.ntotal))
+                    found += [(float(s), lid, c, int(i))
+                              for s, i in zip(scores[0], slots[0], strict=True) if i >= 0]
+        finally:
+            faiss.omp_set_num_threads(threads)
+        found.sort(key=lambda f: -f[0])
+        return found[:top_k]
+
+    def search(self, token_id: int, top_k: int = 10,
+               layers: Sequence[int] | None = None) -> list[RowHit]:
+        """``top_rows`` as hits, each with the tokens the row pushes most."""
+        return [self._hit(lid, c, slot, score)
+                for score, lid, c, slot in self.top_rows(token_id, top_k, layers)]
+
+    def row_scores(self, layer_id: int, token_id: int, rows: Sequence[int]) -> np.ndarray:
+        """The score (push toward ``token_id``) of given global rows of a layer: ``[len(rows)]``."""
+        rows = np.asarray(rows, np.int64)
+        columns = np.searchsorted(self.offsets[layer_id], rows, side="right") - 1
+        q = self.queries(layer_id, token_id)  # [columns, head_dim]
+        return np.einsum("nd,nd->n", self.rows[layer_id][rows], q[columns])
+
+    def push(self, layer_id: int, row: int, column: int) -> np.ndarray:
+        """The centered logit push of one row: ``[vocab]``."""
+        return self.head @ (self.rows[layer_id][row] @ self.projections[layer_id][column])
+
+    def _hit(self, layer_id: int, column: int, slot: int, score: float) -> RowHit:
+        row = int(self.offsets[layer_id][column]) + slot
+        push = self.push(layer_id, row, column)
+        top = np.argsort(-push)[:5].tolist()
+        tok = self.tokenizer
+        named = [TokenPush(t, tok.token_text(t) if tok and t < tok.vocab_size else "",
+                           float(push[t])) for t in top]
+        return RowHit(layer_id, row, column, column // self.n_heads + 2, column % self.n_heads,
+                      slot, score, named)
+
+
+def _faiss_gpus(faiss: Any) -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def typical_scale(model: EngramModel, tokenizer: EngramTokenizer | None,
+                  calibration: Sequence[str] | None = None, max_texts: int = 8) -> float:
+    """The median RMS of the final norm's input over the positions of calibration text.
+
+    Default text: the first ``max_texts`` documents of the bundled held-out file. Returns 1.0
+    when there is no tokenizer or no text.
+    """
+    import torch
+
+    from engram_edit.paths import bundled_heldout_file
+
+    if tokenizer is None:
+        return 1.0
+    if calibration is None:
+        path = bundled_heldout_file()
+        calibration = []
+        if path.is_file():
+            for text, _ in _documents(path, hashlib.sha256()):
+                calibration.append(text)
+                if len(calibration) == max_texts:
+                    break
+    seen: list[torch.Tensor] = []
+    hook = model.norm.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().float().pow(2).mean(-1).sqrt()))
+    device = model.embed_tokens.weight.device
+    try:
+        with torch.no_grad():
+            for text in calibration[:max_texts]:
+                ids = tokenizer.encode(text)[: model.config.max_position_embeddings]
+                if ids:
+                    model(torch.tensor([ids], device=device))
+    finally:
+        hook.remove()
+    if not seen:
+        return 1.0
+    return float(torch.cat([s.reshape(-1).cpu() for s in seen]).median())
+
+
+def search_rows(files: ModelFiles, model: EngramModel, query: str, top_k: int = 10,
+                layers: Sequence[int] | None = None, index: NgramIndex | None = None,
+                searcher: RowSearch | None = None, sharers: int = 3) -> SearchResult:
+    """Which rows (and, with an index, which n-grams) push the model hardest toward a token.
+
+    Args:
+        files (`ModelFiles`): the model directory ``model`` was built from.
+        model (`EngramModel`): the built model.
+        query (`str`): a text (its first token is searched) or an exact vocab entry.
+        top_k (`int`, defaults to 10): rows returned.
+        layers (`Sequence[int] | None`): Engram layers to search; all when None.
+        index (`NgramIndex | None`): adds the n-grams that read each row and its load.
+        searcher (`RowSearch | None`): a ``RowSearch.build(model)`` to reuse.
+        sharers (`int`, defaults to 3): n-grams listed per row.
+
+    Returns:
+        `SearchResult`
+
+    Raises:
+        BadInputError: an empty query, a layer without Engram, ``top_k`` below 1.
+
+    Example:
+        >>> files, model = load_model("my-model")  # doctest: +SKIP
+        >>> search_rows(files, model, " Empire").hits[0].sharers  # doctest: +SKIP
+    """
+    tokenizer = files.tokenizer
+    token_id, ids = resolve_token(tokenizer, query)
+    searcher = searcher or RowSearch.build(model, tokenizer=tokenizer)
+    result = SearchResult(query, token_id, tokenizer.token_text(token_id),
+                          [tokenizer.token_text(i) for i in ids], searcher.scale,
+                          searcher.search(token_id, top_k, layers))
+    if index is not None:
+        for hit in result.hits:
+            hit.sharers = index.sharers(hit.layer_id, hit.row, top_k=sharers)
+            hit.load = index.slot_load(hit.layer_id, hit.row)
+        result.ngrams = _pushing_ngrams(index, searcher, model, token_id, top_k, layers)
+    return result
+
+
+def _pushing_ngrams(index: NgramIndex, searcher: RowSearch, model: EngramModel,
+                    token_id: int, top_k: int, layers: Sequence[int] | None) -> list[NgramHit]:
+    """The indexed n-grams through which the memory raises a token's probability most.
+
+    Every indexed n-gram is scored by the lens: the sum of its heads' row scores, per layer.
+    The ``NGRAM_POOL`` best are then read by the model, each alone (its most common spelling,
+    nothing before it), with the memory on and off; they are ranked by how much the memory
+    raises the token's probability. The lens alone also ranks rows that push every token up a
+    little; the model run keeps the n-grams whose rows, gated and carried through the later
+    blocks, really move the prediction.
+    """
+    h = index.hasher
+    best: dict[tuple[int, ...], tuple[float, int]] = {}  # ids -> (push, layer)
+    for lid in searcher.rows if layers is None else layers:
+        q = searcher.queries(lid, token_id)
+        table, offsets = searcher.rows[lid], searcher.offsets[lid]
+        for order in index.info.orders:
+            if order > h.max_ngram:
+                continue
+            slots = index._order_slots(lid, order)
+            push = np.zeros(len(slots))
+            for j in range(h.n_heads):
+                c = h.column(order, j)
+                scores = table[offsets[c]:offsets[c] + h.primes[lid][c]] @ q[c]
+                push += scores[slots[:, j]]
+            for i in np.argsort(-push)[:NGRAM_POOL].tolist():
+                ids = tuple(np.asarray(index.grams[order][i]).tolist())
+                if push[i] > best.get(ids, (-np.inf, lid))[0]:
+                    best[ids] = (float(push[i]), lid)
+    pool = sorted(best, key=lambda g: -best[g][0])[:NGRAM_POOL]
+    probs = _memory_effect(model, [index.spelling[list(g)].tolist() for g in pool], token_id)
+    hits = []
+    for ids, (on, off) in zip(pool, probs, strict=True):
+        push, lid = best[ids]
+        hits.append(NgramHit(lid, index.ngram_text(ids), list(ids), index.ngram_count(ids),
+                             push, index.rows_of(lid, ids), on, on - off))
+    hits.sort(key=lambda x: -x.effect)
+    return hits[:top_k]
+
+
+def _memory_effect(model: EngramModel, texts: list[list[int]],
+                   token_id: int) -> list[tuple[float, float]]:
+    """(memory on, memory off) probability of ``token_id`` after each token sequence."""
+    import torch
+
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(texts)
+    device = model.embed_tokens.weight.device
+    with torch.no_grad():
+        for n in sorted({len(t) for t in texts}):
+            at = [i for i, t in enumerate(texts) if len(t) == n]
+            ids = torch.tensor([texts[i] for i in at], device=device)
+            on, off = (torch.softmax(model(ids, memory=m).logits[:, -1].float(), -1)[:, token_id]
+                       .tolist() for m in (True, False))
+            for i, a, b in zip(at, on, off, strict=True):
+                out[i] = (a, b)
+    return out
