@@ -17,10 +17,12 @@ from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
 from commands._output import Output
 from engram_edit.checkpoint import MemoryFiles, ModelFiles, open_memory, open_model
 from engram_edit.fileio import atomic_write_text
+from engram_edit.index import NgramIndex, default_index_for
 from engram_edit.inspect import (
     GatesResult,
     LookupResult,
     RowsResult,
+    SharedNgram,
     TokenInfo,
     TokenProb,
     gates,
@@ -40,6 +42,21 @@ MEMORY_ALONE = ("A split memory directory. Alone (without --model) there is no b
                 "are shown.")
 LookupMemoryOpt = Annotated[Path | None, typer.Option("--memory", metavar="DIR",
                                                       help=MEMORY_ALONE)]
+
+
+NoIndexOpt = Annotated[bool, typer.Option(
+    "--no-index", help="Do not show which other corpus n-grams share each row.")]
+
+
+def _index(files: ModelFiles | MemoryFiles, skip: bool) -> NgramIndex | None:
+    return None if skip else default_index_for(files)
+
+
+def _sharers(shared: list[SharedNgram] | None, ngrams: int | None) -> str:
+    if shared is None:
+        return ""
+    names = ", ".join(f"{_show(s.ngram)} {s.count}" for s in shared)
+    return f"{ngrams} n-grams" + (f": {names}" if names else "")
 
 
 def _open(model: Path | None, memory: Path | None) -> ModelFiles | MemoryFiles:
@@ -71,6 +88,7 @@ def lookup_command(
     all_ngrams: Annotated[bool, typer.Option(
         "--all", help="Also the padded n-grams that reach back before the text.")] = False,
     context: ContextOpt = None,
+    no_index: NoIndexOpt = False,
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -88,14 +106,19 @@ def lookup_command(
       the text (after --context) runs through the model.
     - next token: the model's prediction there with the memory on and off.
 
+    With a corpus n-gram index (the bundled model ships one; `engram-edit
+    index` builds others), every head also shows how crowded its slot is and
+    the most frequent other n-grams that read the same row.
+
     Examples:
       engram-edit lookup "Princess of Wales"
       engram-edit lookup "Princess of Wales" --context "Diana," --layer 2 --top 10
       engram-edit lookup "Princess of Wales" --memory my-memory --json
     """
     out = Output(json)
-    result = lookup(_open(model, memory), text, layers=layer, top_k=top,
-                    include_padded=all_ngrams, context=context, device=device)
+    files = _open(model, memory)
+    result = lookup(files, text, layers=layer, top_k=top, include_padded=all_ngrams,
+                    context=context, device=device, index=_index(files, no_index))
     out.result(asdict(result), lambda console: _render_lookup(console, result, out))
 
 
@@ -118,6 +141,9 @@ def _render_lookup(console: Console, r: LookupResult, out: Output) -> None:
         columns = ["pos", "n", "n-gram", "head", "column", "slot", "row", "norm"]
         if r.backbone:
             columns += ["memory says", "gate (branch)"]
+        indexed = any(h.sharers is not None for g in layer.ngrams for h in g.heads)
+        if indexed:
+            columns.append("slot shared with (corpus count)")
         rows = []
         for g in layer.ngrams:
             heads = [[str(getattr(h, k)) for h in g.heads] for k in ("head", "column", "slot",
@@ -127,6 +153,8 @@ def _render_lookup(console: Console, r: LookupResult, out: Output) -> None:
             if r.backbone:
                 row += [_probs(g.decoded),
                         "\n".join(f"{x:.3f} ({b})" for b, x in enumerate(g.gate or []))]
+            if indexed:
+                row.append("\n".join(_sharers(h.sharers, h.slot_ngrams) for h in g.heads))
             rows.append(row)
         console.print(out.table(f"Engram layer {layer.layer_id}", columns, rows, show_lines=True))
         if not layer.ngrams:
@@ -256,6 +284,7 @@ def rows_command(
     full: Annotated[bool, typer.Option("--full", help="Every value, not the first 8.")
                     ] = False,
     top: TopOpt = 5,
+    no_index: NoIndexOpt = False,
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -269,7 +298,9 @@ def rows_command(
       engram-edit rows 0 5 --full --memory my-memory --json
     """
     out = Output(json)
-    result = read_rows(_open(model, memory), layer, rows, full=full, top_k=top, device=device)
+    files = _open(model, memory)
+    result = read_rows(files, layer, rows, full=full, top_k=top, device=device,
+                       index=_index(files, no_index))
     out.result(asdict(result), lambda console: _render_rows(console, result, out))
 
 
@@ -280,6 +311,9 @@ def _render_rows(console: Console, r: RowsResult, out: Output) -> None:
     columns = ["row", "column (order, head)", "slot", "norm", "values"]
     if decoded:
         columns.append("memory says")
+    indexed = any(i.sharers is not None for i in r.rows)
+    if indexed:
+        columns.append("slot shared with (corpus count)")
     table_rows = []
     for i in r.rows:
         values = " ".join(f"{v:+.4f}" for v in i.values)
@@ -288,6 +322,8 @@ def _render_rows(console: Console, r: RowsResult, out: Output) -> None:
         row = [i.row, f"{i.column} ({i.order}, {i.head})", i.slot, f"{i.norm:.4f}", values]
         if decoded:
             row.append(_probs(i.decoded))
+        if indexed:
+            row.append(_sharers(i.sharers, i.slot_ngrams))
         table_rows.append(row)
     console.print(out.table(None, columns, table_rows, show_lines=True))
 

@@ -63,7 +63,8 @@ import numpy as np
 
 from engram_edit.checkpoint import MemoryFiles, ModelFiles
 from engram_edit.errors import BadInputError, MismatchError
-from engram_edit.fileio import atomic_write_bytes
+from engram_edit.fileio import atomic_path, atomic_write_bytes
+from engram_edit.paths import cache_dir
 from engram_edit.split import TensorEntry, safetensors_header
 from engram_edit.tensorfile import TensorLocation, read_header
 from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
@@ -537,10 +538,30 @@ class NgramIndex:
         return int(self.counts[len(ids)][at]) if at < len(rows) and rows[at] == ids else 0
 
     # --- slots ----------------------------------------------------------------------------------
+    def _slots_cache_file(self, layer_id: int, order: int) -> Path:
+        """Where the slots of one (layer, order) are kept between runs: the user cache, keyed
+        by the index file's identity and everything that decides a slot."""
+        h = self.hasher
+        stat = Path(self.path).stat()
+        key = hashlib.sha256(
+            f"{Path(self.path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{layer_id}:{order}:"
+            f"{h.pad_id}".encode() + h.multipliers[layer_id].tobytes()
+            + h.primes[layer_id].tobytes()).hexdigest()[:32]
+        return cache_dir() / "index-slots" / f"{key}.npy"
+
     def _order_slots(self, layer_id: int, order: int) -> np.ndarray:
-        """Slot of every indexed n-gram of ``order`` in each head's column: ``[N, heads]``."""
+        """Slot of every indexed n-gram of ``order`` in each head's column: ``[N, heads]``.
+
+        Hashing every indexed n-gram takes about a second on the bundled index, so the result
+        is cached on disk (memory-mapped on later runs)."""
         key = (layer_id, order)
         if key not in self._slots:
+            cached = self._slots_cache_file(layer_id, order)
+            try:
+                self._slots[key] = np.load(cached, mmap_mode="r")
+                return self._slots[key]
+            except (OSError, ValueError):
+                pass
             h = self.hasher
             cols = [h.column(order, j) for j in range(h.n_heads)]
             grams = self.grams[order]
@@ -551,6 +572,13 @@ class NgramIndex:
                 for lid, slots in h.slots(chunk).items():  # [M, order, columns]
                     out[lid][a:a + len(chunk)] = slots[:, order - 1, cols]
             self._slots.update({(lid, order): s for lid, s in out.items()})
+            for lid, slots in out.items():
+                try:
+                    with atomic_path(self._slots_cache_file(lid, order)) as tmp, \
+                            open(tmp, "wb") as f:
+                        np.save(f, slots)
+                except OSError:  # a read-only cache costs time, not correctness
+                    pass
         return self._slots[key]
 
     def _members(self, layer_id: int, row: int) -> tuple[int, np.ndarray]:

@@ -18,6 +18,7 @@ from engram_edit.checkpoint import MemoryFiles, ModelFiles, build_model
 from engram_edit.config import EngramConfig
 from engram_edit.errors import BadInputError
 from engram_edit.hashing import NgramHashes, explain
+from engram_edit.index import NgramIndex
 from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
 
 if TYPE_CHECKING:
@@ -59,12 +60,32 @@ class TokenInfo:
 
 
 @dataclass
+class SharedNgram:
+    ngram: str  # as the hash sees it: decoded, then the compression normal form
+    count: int  # occurrences in the indexed corpus
+
+
+def _shared(index: NgramIndex, layer_id: int, row: int, top_k: int,
+            exclude: list[tuple[int, ...]]) -> tuple[list[SharedNgram], int, int]:
+    """The other n-grams that read a row, and the slot's load (distinct n-grams, occurrences)."""
+    shared = [SharedNgram(s.text, s.count)
+              for s in index.sharers(layer_id, row, top_k=top_k, exclude=exclude)]
+    load = index.slot_load(layer_id, row)
+    return shared, load.ngrams, load.occurrences
+
+
+@dataclass
 class HeadRow:
     head: int
     column: int  # (order - 2) * heads + head
     slot: int  # row within the column
     row: int  # global row in the layer's table: column offset + slot
     norm: float  # L2 norm of the stored row, decoded to float32
+    # With a corpus n-gram index: the other indexed n-grams that read this row (most frequent
+    # first), and how crowded the slot is (distinct n-grams, their summed occurrences).
+    sharers: list[SharedNgram] | None = None
+    slot_ngrams: int | None = None
+    slot_occurrences: int | None = None
 
 
 @dataclass
@@ -120,6 +141,9 @@ class RowInfo:
     slot: int
     norm: float
     values: list[float]  # the first FIRST_VALUES values, or all with ``full``
+    sharers: list[SharedNgram] | None = None  # indexed n-grams reading this row (with an index)
+    slot_ngrams: int | None = None
+    slot_occurrences: int | None = None
     decoded: list[TokenProb] | None = None  # logit lens of the row alone in its column
 
 
@@ -260,14 +284,22 @@ def _ngram_text(tokenizer: EngramTokenizer, raw_ids: list[int]) -> str:
     return compression_normalizer().normalize_str(text) or text
 
 
-def _heads(h: NgramHashes, n_heads: int, norms: dict[int, float]) -> list[HeadRow]:
-    return [HeadRow(j, h.columns[j], h.slots[j], h.rows[j], norms[h.rows[j]])
-            for j in range(n_heads)]
+def _heads(h: NgramHashes, n_heads: int, norms: dict[int, float],
+           index: NgramIndex | None, own: tuple[int, ...], sharers: int) -> list[HeadRow]:
+    heads = []
+    for j in range(n_heads):
+        head = HeadRow(j, h.columns[j], h.slots[j], h.rows[j], norms[h.rows[j]])
+        if index is not None:
+            head.sharers, head.slot_ngrams, head.slot_occurrences = _shared(
+                index, h.layer_id, head.row, sharers, [own])
+        heads.append(head)
+    return heads
 
 
 def lookup(files: ModelFiles | MemoryFiles, text: str, layers: list[int] | None = None,
            top_k: int = 5, include_padded: bool = False, context: str | None = None,
-           model: EngramModel | None = None, device: str | None = None) -> LookupResult:
+           model: EngramModel | None = None, device: str | None = None,
+           index: NgramIndex | None = None, sharers: int = 3) -> LookupResult:
     """Every n-gram of ``text`` with its slots, rows and norms; with a backbone, what the rows
     say (``decode_rows``), the gates, and the prediction with the memory on and off.
 
@@ -288,6 +320,9 @@ def lookup(files: ModelFiles | MemoryFiles, text: str, layers: list[int] | None 
         model (`EngramModel | None`): the model built from ``files``, to reuse; built on
             ``device`` when None.
         device (`str | None`): torch device when the model is built here.
+        index (`NgramIndex | None`): a corpus n-gram index; with one, every head also lists
+            the ``sharers`` most frequent other n-grams that read its row and the slot's load.
+        sharers (`int`, defaults to 3): sharers listed per head.
 
     Returns:
         `LookupResult`
@@ -323,7 +358,9 @@ def lookup(files: ModelFiles | MemoryFiles, text: str, layers: list[int] | None 
     result_layers = [
         LayerLookup(lid, [NgramLookup(h.position, h.order, h.tokens,
                                       _ngram_text(tokenizer, h.raw_ids), h.padded,
-                                      _heads(h, config.engram_n_heads, norms[lid]))
+                                      _heads(h, config.engram_n_heads, norms[lid], index,
+                                             tuple(tokenizer.compress(h.raw_ids).tolist()),
+                                             sharers))
                           for h in hs])
         for lid, hs in shown.items()]
     result = LookupResult(text, context or None, tokens, result_layers, backbone)
@@ -414,7 +451,8 @@ def gates(files: ModelFiles | MemoryFiles, text: str, context: str | None = None
 
 def read_rows(files: ModelFiles | MemoryFiles, layer_id: int, rows: list[int],
               full: bool = False, top_k: int = 5, model: EngramModel | None = None,
-              device: str | None = None) -> RowsResult:
+              device: str | None = None, index: NgramIndex | None = None,
+              sharers: int = 5) -> RowsResult:
     """Stored rows of one layer: where each sits, its norm, its values, and (with a backbone)
     what it says alone in its column (``decode_rows``).
 
@@ -427,6 +465,9 @@ def read_rows(files: ModelFiles | MemoryFiles, layer_id: int, rows: list[int],
         top_k (`int`, defaults to 5): decoded tokens per row.
         model (`EngramModel | None`): the model built from ``files``, to reuse.
         device (`str | None`): torch device when the model is built here.
+        index (`NgramIndex | None`): with a corpus n-gram index, each row also lists the
+            ``sharers`` most frequent n-grams that read it and how crowded its slot is.
+        sharers (`int`, defaults to 5): n-grams listed per row.
 
     Returns:
         `RowsResult`
@@ -456,7 +497,11 @@ def read_rows(files: ModelFiles | MemoryFiles, layer_id: int, rows: list[int],
         column, slot = hasher.locate(layer_id, r)
         order, head = hasher.column_order_head(column)
         shown = v if full else v[:FIRST_VALUES]
-        infos.append(RowInfo(int(r), column, order, head, slot, norm, shown.tolist()))
+        info = RowInfo(int(r), column, order, head, slot, norm, shown.tolist())
+        if index is not None:
+            info.sharers, info.slot_ngrams, info.slot_occurrences = _shared(
+                index, layer_id, int(r), sharers, [])
+        infos.append(info)
     if backbone:
         import torch
 

@@ -331,3 +331,25 @@ def test_bundled_model_memory_knows_princess_of_wales():
     after = result.tokens[w].prediction
     on, off = _prob(after.memory_on, ids[w + 1]), _prob(after.memory_off, ids[w + 1])
     assert on >= 2 * off, f"memory on {on:.3f}, off {off:.3f}"
+
+
+
+def test_lookup_lists_the_corpus_ngrams_that_share_each_row():
+    from engram_edit.checkpoint import open_model
+    from engram_edit.index import default_index_for
+    from engram_edit.inspect import lookup
+    from engram_edit.paths import bundled_model_dir
+
+    files = open_model(bundled_model_dir())
+    index = default_index_for(files)
+    assert index is not None  # the bundled model ships its corpus index
+    result = lookup(files, "of France", layers=[0], index=index, sharers=3)
+    gram = result.layers[0].ngrams[-1]
+    assert gram.text == "of france"
+    own = tuple(files.tokenizer.compress(files.tokenizer.encode("of France")).tolist())
+    for head in gram.heads:
+        expected = index.sharers(0, head.row, top_k=3, exclude=[own])
+        assert [(s.ngram, s.count) for s in head.sharers] == [tuple(e) for e in expected]
+        load = index.slot_load(0, head.row)
+        assert (head.slot_ngrams, head.slot_occurrences) == tuple(load)
+        assert "of france" not in [s.ngram for s in head.sharers]
