@@ -251,6 +251,25 @@ def _top(probs: torch.Tensor, k: int, tokenizer: EngramTokenizer) -> list[list[T
             for pr, ir in zip(values.cpu().tolist(), ids.cpu().tolist(), strict=True)]
 
 
+def _top_numpy(probs: np.ndarray, k: int, tokenizer: EngramTokenizer) -> list[TokenProb]:
+    """The ``k`` most likely tokens of one distribution ``probs [vocab]`` (no torch)."""
+    ids = np.argsort(-probs, kind="stable")[:k]
+    return [TokenProb(int(i), _token(tokenizer, int(i)), float(probs[i])) for i in ids]
+
+
+def _foreign_lens(files: ModelFiles, result: LookupResult,
+                  values: dict[int, dict[int, np.ndarray]], top_k: int) -> None:
+    """``decoded`` of every n-gram of a checkpoint read in place (a DeepSeek-V4.1 directory):
+    the layout's own lens over value projection, final norm and LM head; no gates there."""
+    from engram_edit.layouts.lens import lens_probs
+
+    for layer in result.layers:
+        for g in layer.ngrams:
+            rows = np.stack([values[layer.layer_id][h.row] for h in g.heads])
+            probs = lens_probs(files, layer.layer_id, [h.column for h in g.heads], rows[None])
+            g.decoded = _top_numpy(probs[0], top_k, files.tokenizer)
+
+
 def _model_for(files: ModelFiles, model: EngramModel | None, device: str | None) -> EngramModel:
     return model if model is not None else build_model(files, device)
 
@@ -364,7 +383,9 @@ def lookup(files: ModelFiles | MemoryFiles, text: str, layers: list[int] | None 
                           for h in hs])
         for lid, hs in shown.items()]
     result = LookupResult(text, context or None, tokens, result_layers, backbone)
-    if backbone:
+    if backbone and files.layout != "engram-edit":
+        _foreign_lens(files, result, values, top_k)
+    elif backbone:
         assert isinstance(files, ModelFiles)
         with _one_thread():
             _measure(result, _model_for(files, model, device), tokenizer, values, top_k)
@@ -502,7 +523,13 @@ def read_rows(files: ModelFiles | MemoryFiles, layer_id: int, rows: list[int],
             info.sharers, info.slot_ngrams, info.slot_occurrences = _shared(
                 index, layer_id, int(r), sharers, [])
         infos.append(info)
-    if backbone:
+    if backbone and files.layout != "engram-edit":
+        from engram_edit.layouts.lens import lens_probs
+
+        for info, v in zip(infos, vals, strict=True):
+            probs = lens_probs(files, layer_id, [info.column], v[None, None, :])
+            info.decoded = _top_numpy(probs[0], top_k, files.tokenizer)
+    elif backbone:
         import torch
 
         assert isinstance(files, ModelFiles)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from make_layouts import make_demo_dir, make_v4_dir
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -26,6 +25,7 @@ from engram_edit.interop import export_model, import_model
 from engram_edit.layouts import v4
 from engram_edit.layouts.lens import lens_probs
 from engram_edit.split import convert_memory, split_model
+from make_layouts import make_demo_dir, make_v4_dir
 
 EXPERT_SHARD = "model-00002-of-00005.safetensors"  # make_v4_dir puts every MoE expert here
 

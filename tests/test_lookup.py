@@ -353,3 +353,24 @@ def test_lookup_lists_the_corpus_ngrams_that_share_each_row():
         load = index.slot_load(0, head.row)
         assert (head.slot_ngrams, head.slot_occurrences) == tuple(load)
         assert "of france" not in [s.ngram for s in head.sharers]
+
+
+def test_lookup_and_rows_on_a_v41_directory_use_its_lens(tmp_path):
+    import numpy as np
+
+    from engram_edit.checkpoint import open_model
+    from engram_edit.inspect import lookup, read_rows
+    from engram_edit.layouts.lens import lens_probs
+    from make_layouts import make_v4_dir
+
+    files = open_model(make_v4_dir(tmp_path / "v4"))
+    assert files.layout == "v4"
+    result = lookup(files, "Princess of Wales", top_k=3)
+    layer = result.layers[0]
+    gram = layer.ngrams[-1]
+    assert gram.gate is None and result.tokens[0].prediction is None  # gates need the network
+    rows = files.table().read_rows(layer.layer_id, np.array([h.row for h in gram.heads]))
+    probs = lens_probs(files, layer.layer_id, [h.column for h in gram.heads], rows[None])[0]
+    assert [t.id for t in gram.decoded] == np.argsort(-probs, kind="stable")[:3].tolist()
+    shown = read_rows(files, layer.layer_id, [gram.heads[0].row], top_k=2)
+    assert shown.rows[0].decoded is not None and len(shown.rows[0].decoded) == 2
