@@ -1,4 +1,5 @@
-"""engram-edit eval: how much of what the model knows lives in its memory (ablation)."""
+"""engram-edit eval: how much of what the model knows lives in its memory (ablation), and the
+edit metrics of a fact file on the model as it is."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from engram_edit.paths import bundled_heldout_file, bundled_probes_file, resolve
 
 
 def eval_command(
+    facts: Annotated[Path | None, typer.Argument(
+        metavar="FACTS", help="A fact file (as for `patch`): report its edit metrics for the "
+        "model as it is, without editing.", show_default=False)] = None,
     ablate: Annotated[bool, typer.Option(
-        "--ablate", help="Compare memory on and off (the default report).")] = True,
+        "--ablate", help="Compare memory on and off (always so without FACTS; with FACTS it "
+        "adds a memory-off column).")] = False,
     probes: Annotated[Path | None, typer.Option(
         metavar="FILE", help="JSONL of {prompt, target} factual completions. Default: the "
         "entity completions mined from the bundled model's training corpus.")] = None,
@@ -38,9 +43,14 @@ def eval_command(
     is top-1 without memory divided by top-1 with it (the paper: factual QA keeps 29-44%,
     reading comprehension 81-93%).
 
+    With FACTS: efficacy, efficacy_top1, paraphrase, neighbourhood,
+    neighbourhood_unchanged, neighbourhood_kl and heldout_loss, defined as for
+    `patch` (the model itself is the reference of the neighbourhood metrics).
+
     Examples:
       engram-edit eval --ablate
       engram-edit eval --probes my_probes.jsonl --json
+      engram-edit eval fixes.jsonl --ablate
     """
     import numpy as np
 
@@ -48,6 +58,9 @@ def eval_command(
     from engram_edit.eval import METRICS_VERSION, fact_ablation, read_probes, text_ablation
     from engram_edit.train import tokenize_texts
 
+    if facts is not None:
+        _eval_facts(facts, ablate, heldout, model, memory, device, placement, json)
+        return
     files, net = load_model(resolve_model(model).path, memory, device,
                             placement and placement.value)
     prompts, targets = read_probes(probes or bundled_probes_file())
@@ -57,6 +70,29 @@ def eval_command(
     result = {"metrics_version": METRICS_VERSION,
               "rows": [{**asdict(r), "kept": r.kept} for r in rows]}
     Output(json).result(result, lambda console: _render(console, rows))
+
+
+def _eval_facts(facts: Path, ablate: bool, heldout: Path | None, model: Path | None,
+                memory: Path | None, device: str | None, placement, json: bool) -> None:
+    from commands.patch import render_metrics
+    from engram_edit.checkpoint import load_model
+    from engram_edit.edit.compute import measure_facts
+    from engram_edit.edit.facts import read_facts
+    from engram_edit.train import tokenize_texts
+
+    fact_list = read_facts(facts)
+    files, net = load_model(resolve_model(model).path, memory, device,
+                            placement and placement.value)
+    stream = tokenize_texts(heldout or bundled_heldout_file(), files.tokenizer)
+    m = measure_facts(net, files.tokenizer, fact_list, stream, ablate=ablate)
+    result = {"facts": m.facts, "metrics_version": m.metrics_version, "memory": asdict(m.memory)}
+    if m.no_memory is not None:
+        result["no_memory"] = asdict(m.no_memory)
+    columns = {"memory on": m.memory}
+    if m.no_memory is not None:
+        columns["memory off"] = m.no_memory
+    Output(json).result(result, lambda console: render_metrics(
+        console, f"{m.facts} facts of {facts}", columns))
 
 
 def _render(console: Console, rows) -> None:

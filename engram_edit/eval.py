@@ -161,7 +161,9 @@ class FactMetrics:
     """The metric set of an edit, for one model state. Each field is reported under its own
     name as the JSON key; a metric with nothing to measure (no rephrase or locality prompts,
     no held-out text) is None (JSON null). Log-probabilities are sums over the answer's tokens,
-    teacher forced after the prompt, with answers joined as ``scored_target`` says.
+    teacher forced after the prompt, with answers joined as ``scored_target`` says. Locality
+    prompts that are themselves prompts of the facts measured are not neighbours (their
+    answers change on purpose): the three neighbourhood metrics leave them out.
 
     - ``efficacy``: share of facts with log P(target_new) > log P(ground_truth); a fact
       without ground_truth counts when its greedy continuation is target_new (top-1).
@@ -262,10 +264,15 @@ def _encode(tokenizer: EngramTokenizer, prompt: str, answer: str) -> tuple[list[
 
 def _neighbours(tokenizer: EngramTokenizer, facts: Sequence[Fact]
                 ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """Per locality prompt: its ids, its answer's ids, and its fact's target_new's ids."""
+    """Per locality prompt: its ids, its answer's ids, and its fact's target_new's ids.
+    A locality prompt that is itself the prompt of one of ``facts`` is left out: its answer
+    is changed on purpose."""
+    edited = {f.prompt for f in facts}
     prompts, answers, news = [], [], []
     for f in facts:
         for p, a in zip(f.locality_prompts, f.locality_answers, strict=True):
+            if p in edited:
+                continue
             ids, ans = _encode(tokenizer, p, a)
             prompts.append(ids)
             answers.append(ans)

@@ -187,7 +187,9 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         def on_step(p: DistillProgress) -> None:
             tell(EditProgress("distill", p.batch, p.batches, p.step, p.done, p.facts))
 
-        locality = [[tok.encode(p) for p in f.locality_prompts] for f in facts]
+        edited = {f.prompt for f in facts}  # a neighbour being edited is no neighbour
+        locality = [[tok.encode(p) for p in f.locality_prompts if p not in edited]
+                    for f in facts]
         result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step)
         values, unsolved = result.values, result.undone
     else:

@@ -30,13 +30,16 @@ from engram_edit.model import EngramModel
 @dataclass
 class DistillSettings:
     steps: int = 40  # Adam steps at most per batch of facts
-    lr: float = 0.02  # Adam step size, in row units (rows have norm ~0.1-1)
+    lr: float = 0.1  # Adam step size, in row units (trained rows have norm ~1-2)
+    adam_eps: float = 1e-8  # Adam's eps; near typical gradients, rows that barely matter move less
     batch_facts: int = 256  # facts optimized together
-    stop_prob: float = 0.6  # a fact is solved when P(target | prompt) >= this and greedy gives it
+    margin: float = 1.0  # solved: log P(target) >= log P(ground truth) + this (nats) ...
+    stop_prob: float = 0.6  # ... or, without a ground truth, P(target) >= this, greedy
     locality_weight: float = 1.0  # weight of the KL to the unedited model
-    heldout_windows: int = 16  # held-out windows in the locality term (0: none)
-    heldout_tokens: int = 48  # tokens per held-out window
+    heldout_windows: int = 8  # held-out windows in the locality term (0: none)
+    heldout_tokens: int = 32  # tokens per held-out window
     norm_bound: float = 2.0  # an edited row's norm stays <= this x the layer's 99th percentile
+    check_every: int = 10  # steps between checks of every fact (solved ones may be moved back)
     seed: int = 0  # picks the held-out windows
 
 
@@ -126,12 +129,19 @@ class _Sequences:
 
 class _Locality:
     """KL(unedited || edited) on the next-token distributions of neighbour prompts (at their
-    last token) and of held-out windows (every position); the unedited side is cached."""
+    last token) and of held-out windows (every position); the unedited side is computed once.
+    A step uses every window and, for each fact still being solved, one of its neighbours in
+    turn (all of them every few steps, at a third of the cost)."""
 
-    def __init__(self, model: EngramModel, prompts: list[list[int]], windows: list[list[int]],
-                 touched: dict[int, torch.Tensor]) -> None:
+    def __init__(self, model: EngramModel, prompts: list[list[int]], owners: list[int],
+                 windows: list[list[int]], touched: dict[int, torch.Tensor]) -> None:
         seqs = prompts + windows
         scored = [[len(s) - 1] for s in prompts] + [list(range(len(w))) for w in windows]
+        self.owner = torch.tensor(owners + [-1] * len(windows), dtype=torch.long)
+        turn = [sum(o == owners[i] for o in owners[:i]) for i in range(len(owners))]
+        count = [owners.count(o) for o in owners]
+        self.turn = torch.tensor(turn + [0] * len(windows), dtype=torch.long)
+        self.count = torch.tensor(count + [1] * len(windows), dtype=torch.long)
         self.seqs = _Sequences(model, seqs, scored, touched)
         self.reference: list[torch.Tensor] = []
         if seqs:
@@ -140,15 +150,24 @@ class _Locality:
                 logp = self.seqs.batch(everything).log_probs(model)
             self.reference = list(logp.split([len(s) for s in scored]))
 
-    def loss(self, model: EngramModel, moving: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    def loss(self, model: EngramModel, active: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The KL term at ``step`` while the facts marked in ``active`` (bool, CPU) are being
+        solved: a sum with one unit per prompt or window (its positions averaged)."""
         if not len(self.seqs):
             return None
-        select = self.seqs.reading(moving)
+        neighbour = self.owner >= 0
+        select = ~neighbour
+        select[neighbour] = (active[self.owner[neighbour]]
+                             & (self.turn[neighbour] == step % self.count[neighbour]))
         if not select.any():
             return None
+        chosen = torch.nonzero(select).flatten().tolist()
         logp = self.seqs.batch(select).log_probs(model)
-        ref = torch.cat([self.reference[i] for i in torch.nonzero(select).flatten().tolist()])
-        return (ref.exp() * (ref - logp)).sum(-1).mean()
+        ref = torch.cat([self.reference[i] for i in chosen])
+        kl = (ref.exp() * (ref - logp)).sum(-1)
+        weight = torch.cat([torch.full((len(self.reference[i]),), 1 / len(self.reference[i]))
+                            for i in chosen]).to(kl.device)
+        return (kl * weight).sum()
 
 
 def _heldout_windows(stream: np.ndarray | None, settings: DistillSettings) -> list[list[int]]:
@@ -178,6 +197,87 @@ def _owned(fact_rows: list[FactRows], touched: dict[int, torch.Tensor], n: int
     return out
 
 
+def _truth_logprob(model: EngramModel, facts: list[FactTokens]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log P of each fact's ground truth after its prompt with the current rows: (its first
+    token, the rest), NaN for a fact without one."""
+    device = next(model.parameters()).device
+    first = torch.full((len(facts),), float("nan"), device=device)
+    rest = first.clone()
+    has = [i for i, t in enumerate(facts) if t.truth]
+    if not has:
+        return first, rest
+    seqs = [(facts[i].prompt + facts[i].truth)[:-1] for i in has]
+    scored = [list(range(len(facts[i].prompt) - 1, len(s))) for i, s in zip(has, seqs,
+                                                                             strict=True)]
+    with torch.no_grad():
+        logp = ScoredBatch.build(model, seqs, scored).log_probs(model)
+    gold = torch.tensor([x for i in has for x in facts[i].truth], device=device)
+    lengths = torch.tensor([len(facts[i].truth) for i in has], device=device)
+    tok = logp.gather(1, gold[:, None]).squeeze(1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    first[has] = tok[starts]
+    owner = torch.repeat_interleave(torch.arange(len(has), device=device), lengths)
+    rest[has] = torch.zeros(len(has), device=device).index_add(0, owner, tok) - tok[starts]
+    return first, rest
+
+
+class _Truths:
+    """log P(ground truth) per fact of a batch. Exact costs a forward pass of the truths; the
+    estimate takes the first truth token from the target's own forward pass (the same
+    position) and the rest as it was at the last exact pass. The rest drifts as the subject's
+    rows change, so the estimate only picks which facts get an exact pass."""
+
+    def __init__(self, model: EngramModel, facts: list[FactTokens], known: int) -> None:
+        """Exact for the first ``known`` facts now; the others get theirs at a check, the
+        only way they enter a step."""
+        device = next(model.parameters()).device
+        self.facts = facts
+        self.token = torch.tensor([t.truth[0] if t.truth else 0 for t in facts], device=device)
+        self.first = torch.full((len(facts),), float("nan"), device=device)
+        self.rest = self.first.clone()
+        self.first[:known], self.rest[:known] = _truth_logprob(model, facts[:known])
+
+    def exact(self, model: EngramModel, idx: list[int]) -> torch.Tensor:
+        first, rest = _truth_logprob(model, [self.facts[i] for i in idx])
+        self.first[idx], self.rest[idx] = first, rest
+        return first + rest
+
+    def estimate(self, idx: list[int], first_logp: torch.Tensor) -> torch.Tensor:
+        """``first_logp`` ``[len(idx), vocab]``: log-probs after each prompt."""
+        first = first_logp.gather(1, self.token[idx][:, None]).squeeze(1)
+        return first + self.rest[idx]
+
+
+def _scores(model: EngramModel, seqs: _Sequences, select: torch.Tensor,
+            gold: list[torch.Tensor], truths: _Truths, settings: DistillSettings,
+            exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the selected facts: log P(target) (differentiable), target length, and solved
+    (CPU bool): the target beats the ground truth by ``margin``; without a ground truth,
+    P(target) >= ``stop_prob`` and greedy decoding gives it."""
+    device = next(model.parameters()).device
+    idx = torch.nonzero(select).flatten().tolist()
+    logp = seqs.batch(select).log_probs(model)
+    gold_sel = torch.cat([gold[i] for i in idx])
+    lengths = torch.tensor([len(gold[i]) for i in idx], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)
+    lp = torch.zeros(len(idx), device=device).index_add(
+        0, owner, logp.gather(1, gold_sel[:, None]).squeeze(1))
+    wrong = torch.zeros(len(idx), device=device).index_add(
+        0, owner, (logp.argmax(-1) != gold_sel).float())
+    starts = torch.cumsum(lengths, 0) - lengths
+    if exact:
+        truth = truths.exact(model, idx)
+    else:  # estimate; a fact the estimate calls solved is confirmed by its truth's own pass
+        truth = truths.estimate(idx, logp.detach()[starts])
+        sure = torch.nonzero(lp.detach() >= truth + settings.margin).flatten().tolist()
+        if sure:
+            truth[sure] = truths.exact(model, [idx[i] for i in sure])
+    by_margin = lp.detach() >= truth + settings.margin
+    by_prob = (lp.detach() >= float(np.log(settings.stop_prob))) & (wrong == 0)
+    return lp, lengths.float(), torch.where(truth.isnan(), by_prob, by_margin).cpu()
+
+
 def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRows],
                  keep: list[FactTokens], touched: dict[int, torch.Tensor],
                  locality: _Locality, bounds: dict[int, float], settings: DistillSettings,
@@ -190,49 +290,50 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                       [list(t.predicting) for t in facts], touched)
     owned = _owned(rows, touched, len(facts))
     gold = [torch.tensor(t.target, device=device) for t in facts]
+    truths = _Truths(model, facts, len(tokens))
     weights = {lid: model.engram(lid).embed.weight.detach()[t] for lid, t in touched.items()}
     deltas = {lid: torch.zeros_like(w, requires_grad=True) for lid, w in weights.items()}
-    adam = _RowAdam(deltas, settings.lr)
-    threshold = float(np.log(settings.stop_prob))
-    solved = torch.zeros(len(facts), dtype=torch.bool)
-    unsolved = ~solved
-    unsolved[len(tokens):] = False  # kept facts are solved; they are checked while they can move
-    step = 0
+    adam = _RowAdam(deltas, settings.lr, eps=settings.adam_eps)
+    # a fact whose sequence reads none of the rows the batch may move cannot be helped
+    movable = seqs.reading({lid: m.any(0) for lid, m in owned.items()})
+    unsolved = torch.zeros(len(facts), dtype=torch.bool)
+    unsolved[:len(tokens)] = True  # kept facts start solved
+    active = unsolved & movable  # the facts in the forward pass of the next step
+    step = since_check = 0
     lookups = {lid: DeltaEmbedding(model.engram(lid).embed, touched[lid], deltas[lid])
                for lid in touched}
     with substituted_rows(model, lookups):
         while True:
-            moving = {lid: (m[unsolved.to(m.device)]).any(0) for lid, m in owned.items()}
-            select = unsolved | seqs.reading(moving)
-            idx = torch.nonzero(select).flatten()
-            logp = seqs.batch(select).log_probs(model)
-            gold_sel = torch.cat([gold[i] for i in idx.tolist()])
-            owner = torch.repeat_interleave(torch.arange(len(idx), device=device),
-                                            torch.tensor([len(gold[i]) for i in idx.tolist()],
-                                                         device=device))
-            tok_lp = logp.gather(1, gold_sel[:, None]).squeeze(1)
-            lp = torch.zeros(len(idx), device=device).index_add(0, owner, tok_lp)
-            wrong = torch.zeros(len(idx), device=device).index_add(
-                0, owner, (logp.argmax(-1) != gold_sel).float())
-            ok = ((lp.detach() >= threshold) & (wrong == 0)).cpu()
-            unsolved[idx] = ~ok
-            report(step, int((~unsolved[:len(tokens)]).sum()))
-            if not unsolved.any() or step >= settings.steps:
-                break
-            moving = {lid: (m[unsolved.to(m.device)]).any(0) for lid, m in owned.items()}
+            final = not active.any() or step >= settings.steps
+            if final or since_check >= settings.check_every:
+                moved = {lid: (d != 0).any(1) for lid, d in deltas.items()}
+                check = torch.zeros(len(facts), dtype=torch.bool)
+                check[:len(tokens)] = True
+                check |= seqs.reading(moved)
+                with torch.no_grad():  # the truths' own forward pass only when it may end
+                    ok = _scores(model, seqs, check, gold, truths, settings, exact=final)[2]
+                unsolved[check] = ~ok
+                active, since_check = unsolved & movable, 0
+                report(step, int((~unsolved[:len(tokens)]).sum()))
+                if not active.any() or step >= settings.steps:
+                    break
+            lp, n_tokens, ok = _scores(model, seqs, active, gold, truths, settings)
+            idx = torch.nonzero(active).flatten()
             failing = (~ok).to(device=device, dtype=torch.float32)
-            n_tokens = torch.zeros(len(idx), device=device).index_add(
-                0, owner, torch.ones_like(tok_lp))
-            loss = -(lp / n_tokens * failing).sum() / failing.sum().clamp_min(1.0)
+            loss = -(lp / n_tokens * failing).sum()  # a sum: each fact's gradient is its own
+            active[idx[ok]] = False  # solved: out of the batch, its rows freeze
+            if not active.any():
+                continue
             if settings.locality_weight > 0:
-                kl = locality.loss(model, moving)
+                kl = locality.loss(model, active, step)
                 if kl is not None:
                     loss = loss + settings.locality_weight * kl
             for d in deltas.values():
                 d.grad = None
             loss.backward()
-            adam.step(moving)
+            adam.step({lid: m[active.to(m.device)].any(0) for lid, m in owned.items()})
             step += 1
+            since_check += 1
             with torch.no_grad():
                 for lid, d in deltas.items():
                     d.copy_(clip_rows(weights[lid] + d, bounds[lid]) - weights[lid])
@@ -278,7 +379,10 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
         for k, batch in enumerate(batches):
             touched = {lid: torch.from_numpy(np.unique(np.concatenate(
                 [fact_rows[i].rows[lid] for i in batch]))).to(device) for lid in layer_ids}
-            loc = _Locality(model, [p for i in batch for p in locality[i]], windows, touched)
+            use = settings.locality_weight > 0
+            loc = _Locality(model, [p for i in batch for p in locality[i]] if use else [],
+                            [j for j, i in enumerate(batch) for _ in locality[i]] if use else [],
+                            windows if use else [], touched)
 
             def report(step: int, done: int, k: int = k, n: int = len(batch)) -> None:
                 if progress is not None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,27 +22,24 @@ from engram_edit.model.blocks import rope_tables
 class DeltaEmbedding(nn.Module):
     """The table plus a delta on a few rows; looked up like ``nn.Embedding``.
 
-    With ``owner`` None, ``keys`` are sorted row ids and every sequence sees ``delta``. With
-    ``owner`` (``[B]``, the group of each sequence of the batch), ``keys`` are sorted
-    ``group * num_rows + row``: each group of sequences has deltas of its own, so one backward
-    pass gives every group's gradient separately (overwrite.py's per-fact Jacobians).
+    ``keys`` are sorted row ids, and every sequence sees ``delta``. With ``grouped``, the ids
+    looked up are ``group * num_rows + row`` (``ScoredBatch.build(..., groups=...)`` makes
+    them) and ``keys`` are such ids too: each group of sequences has deltas of its own, so one
+    backward pass gives every group's gradient separately (overwrite.py's per-fact Jacobians).
     """
 
     def __init__(self, base: nn.Embedding, keys: torch.Tensor, delta: torch.Tensor,
-                 owner: torch.Tensor | None = None) -> None:
+                 grouped: bool = False) -> None:
         super().__init__()
-        self.base, self.keys, self.delta, self.owner = base, keys, delta, owner
+        self.base, self.keys, self.delta, self.grouped = base, keys, delta, grouped
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(ids, self.base.weight)
+        rows = ids % self.base.weight.shape[0] if self.grouped else ids
+        out = F.embedding(rows, self.base.weight)
         if len(self.keys) == 0:
             return out
-        keys = ids
-        if self.owner is not None:
-            shape = (-1,) + (1,) * (ids.dim() - 1)
-            keys = self.owner.view(shape) * self.base.weight.shape[0] + ids
-        pos = torch.searchsorted(self.keys, keys).clamp_max(len(self.keys) - 1)
-        hit = (self.keys[pos] == keys).unsqueeze(-1)
+        pos = torch.searchsorted(self.keys, ids).clamp_max(len(self.keys) - 1)
+        hit = (self.keys[pos] == ids).unsqueeze(-1)
         return out + torch.where(hit, self.delta[pos], torch.zeros((), dtype=out.dtype))
 
 
@@ -87,30 +85,72 @@ def hidden_streams(model: EngramModel, ids: torch.Tensor,
 
 
 @dataclass
+class _Part:
+    """Sequences of similar length, run as one forward pass trimmed to their longest."""
+
+    seqs: torch.Tensor  # [b] indices into the batch
+    width: int
+    local: torch.Tensor  # [n] scored positions': index in ``seqs``
+    pos: torch.Tensor  # [n] their position
+
+
+@dataclass
 class ScoredBatch:
-    """A right-padded batch and the positions whose next-token distribution is scored."""
+    """A right-padded batch and the positions whose next-token distribution is scored.
+
+    The forward pass runs in up to ``MAX_PARTS`` parts of similar length, so that short
+    sequences do not pay for the padding of long ones."""
 
     ids: torch.Tensor  # [B, T]
     rows: dict[int, torch.Tensor]  # layer -> [B, T, C] row ids
-    batch: torch.Tensor  # [N] sequence of each scored position
-    pos: torch.Tensor  # [N] its position
+    parts: list[_Part]
+    order: torch.Tensor  # [N]: where each scored position lands in the parts' output
+
+    MAX_PARTS = 3
+    PART_MIN = 32  # sequences per part at least
 
     @classmethod
-    def build(cls, model: EngramModel, seqs: list[list[int]],
-              scored: list[list[int]]) -> ScoredBatch:
+    def build(cls, model: EngramModel, seqs: list[list[int]], scored: list[list[int]],
+              groups: list[int] | None = None) -> ScoredBatch:
+        """``groups``: a group per sequence, whose row ids become ``group * num_rows + row``
+        (for a grouped DeltaEmbedding)."""
         device = next(model.parameters()).device
         ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
         ids = ids.to(device)
-        b = torch.tensor([i for i, ps in enumerate(scored) for _ in ps], dtype=torch.long)
-        p = torch.tensor([q for ps in scored for q in ps], dtype=torch.long)
-        return cls(ids, model.compute_rows(ids), b.to(device), p.to(device))
+        rows = model.compute_rows(ids)
+        if groups is not None:
+            g = torch.tensor(groups, device=device).view(-1, 1, 1)
+            rows = {lid: r + g * model.hasher.rows_per_layer[lid] for lid, r in rows.items()}
+        by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        k = max(1, min(cls.MAX_PARTS, len(seqs) // cls.PART_MIN))
+        parts, placed = [], []
+        for part in np.array_split(np.array(by_length, dtype=np.int64), k):
+            members = part.tolist()
+            local = [j for j, i in enumerate(members) for _ in scored[i]]
+            pos = [q for i in members for q in scored[i]]
+            placed += [(i, n) for i in members for n in range(len(scored[i]))]
+            parts.append(_Part(torch.tensor(members, device=device),
+                                 max(len(seqs[i]) for i in members),
+                                 torch.tensor(local, dtype=torch.long, device=device),
+                                 torch.tensor(pos, dtype=torch.long, device=device)))
+        first = np.cumsum([0] + [len(ps) for ps in scored])
+        where = np.empty(int(first[-1]), dtype=np.int64)
+        for out, (i, n) in enumerate(placed):
+            where[first[i] + n] = out
+        return cls(ids, rows, parts, torch.from_numpy(where).to(device))
 
     def log_probs(self, model: EngramModel) -> torch.Tensor:
-        """Next-token log-probs ``[N, vocab]`` at the scored positions (float32)."""
-        streams = hidden_streams(model, self.ids, self.rows)
-        return F.log_softmax(model.readout_logits(streams[self.batch, self.pos]).float(), -1)
+        """Next-token log-probs ``[N, vocab]`` at the scored positions (float32), in the order
+        the sequences and their positions were given."""
+        parts = []
+        for g in self.parts:
+            rows = {lid: r[g.seqs, :g.width] for lid, r in self.rows.items()}
+            streams = hidden_streams(model, self.ids[g.seqs, :g.width], rows)
+            parts.append(model.readout_logits(streams[g.local, g.pos]))
+        logits = torch.cat(parts)[self.order]
+        return F.log_softmax(logits.float(), -1)
 
     def reads(self, touched: dict[int, torch.Tensor]) -> torch.Tensor:
         """Per sequence ``[B]``, whether any position reads a row of ``touched`` (layer ->

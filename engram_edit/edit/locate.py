@@ -44,6 +44,7 @@ class FactTokens:
     prompt: list[int]
     target: list[int]
     subject: list[int]  # positions in ``prompt`` of the tokens that overlap the subject
+    truth: list[int] | None = None  # the ground truth's ids, when the fact has one
 
     @property
     def sequence(self) -> list[int]:
@@ -67,7 +68,8 @@ def tokenize_fact(fact: Fact, tokenizer: EngramTokenizer) -> FactTokens:
         raise BadInputError(f"line {fact.line}: prompt or target_new encodes to no tokens")
     start, end = fact.subject_span()
     subject = [i for i, (a, b) in enumerate(enc.offsets) if a < end and b > start]
-    return FactTokens(list(enc.ids), target, subject)
+    truth = None if fact.truth is None else tokenizer.encode(fact.truth) or None
+    return FactTokens(list(enc.ids), target, subject, truth)
 
 
 NgramCount = Callable[[tuple[int, ...]], int]

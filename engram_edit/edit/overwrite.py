@@ -8,8 +8,8 @@ pass through the frozen model (every layer after the Engram layer, the gate, the
 LM head included) give each fact's gradient g_i of f_i with respect to its own rows, taken
 apart per fact. Linearized, f_i moves by g_i . delta. The minimum-norm delta over all touched
 rows that moves every fact to its wanted margin m_i solves ``(G G^T + eps I) a = m - f``,
-``delta = G^T a``: facts that share a row are solved jointly through G G^T, and a fact already
-past its margin asks for no change.
+``delta = G^T a`` (eps relative to each fact's own diagonal entry): facts that share a row are
+solved jointly through G G^T, and a fact already past its margin asks for no change.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class OverwriteSettings:
     margin: float = 3.0  # wanted log P(target_new) - log P(ground_truth), nats
     target_logprob: float = -0.5  # wanted log P(target_new) for a fact without ground truth
     iterations: int = 1  # closed-form solves (1 = the pure closed form; more re-linearize)
-    ridge: float = 1e-4  # eps of (G G^T + eps I), relative to its mean diagonal
+    ridge: float = 1e-4  # eps of (G G^T + eps I), relative to each fact's diagonal entry
     norm_bound: float = 2.0  # an edited row's norm stays <= this x the layer's 99th percentile
 
 
@@ -91,10 +91,9 @@ def _margins(model: EngramModel, tokens: list[FactTokens], truths: list[list[int
             sign += [s] * len(answer)
             groups.append(i)
     device = next(model.parameters()).device
-    batch = ScoredBatch.build(model, seqs, scored)
-    group = torch.tensor(groups, device=device)
-    lookups = {lid: DeltaEmbedding(model.engram(lid).embed, keys[lid], deltas[lid], group)
-               for lid in keys}
+    batch = ScoredBatch.build(model, seqs, scored, groups)
+    lookups = {lid: DeltaEmbedding(model.engram(lid).embed, keys[lid], deltas[lid],
+                                   grouped=True) for lid in keys}
     with substituted_rows(model, lookups):
         logp = batch.log_probs(model)
     tok = logp.gather(1, torch.tensor(gold, device=device)[:, None]).squeeze(1)
@@ -145,8 +144,9 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
         for lid in layer_ids:
             if len(index[lid]):
                 gram += _gram(deltas[lid].grad, owners[lid], index[lid], len(tokens))
-        ridge = settings.ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-        a = torch.linalg.solve(gram + ridge * torch.eye(len(tokens), device=device), need)
+        # relative to each fact's own curvature, so a fact with small gradients still moves
+        damping = settings.ridge * gram.diagonal().clamp_min(1e-12)
+        a = torch.linalg.solve(gram + torch.diag(damping), need)
         for lid in layer_ids:
             step = torch.zeros_like(shared[lid]).index_add(
                 0, index[lid], deltas[lid].grad * a[owners[lid]][:, None])

@@ -1,0 +1,190 @@
+"""Benchmark: editing facts into the bundled model (issue 6 "Bars"), on the CPU.
+
+Works on a copy of the model in a temp directory; the model itself is never written.
+  batch       --batch facts (default 200, spread over every relation of --facts) in one
+              batch with the default method: seconds, edits/s and the metric set before and
+              after; then the same facts with --method overwrite, for comparison.
+  sequential  --patches patches of --per-patch facts each (default 10 x 100 = 1000 edits,
+              disjoint from one another), each computed on the model with the earlier ones
+              applied and applied to the copy through the journal; then efficacy on the first
+              patch's facts, and retention of the true facts (--true) the model got right at
+              the start whose prompts were not edited (greedy continuation still the answer).
+  undo        every patch undone, last first; then the sha256 of every file of the copy
+              (outside .engram/) against its value before the first patch.
+Bars: efficacy >= 0.95, neighbourhood >= 0.95 x before, >= 20 edits/s, held-out loss rise
+< 1% (batch); efficacy on the first 100 >= 0.9 and retention >= 0.95 (sequential); every
+sha256 equal (undo). Results go to bench/results/patch-<date>.json.
+
+Run (from the repo root, venv active):
+    python bench/patch_bench.py
+    python bench/patch_bench.py --batch 50 --patches 2 --per-patch 20 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram_edit import paths
+from engram_edit.checkpoint import load_model
+from engram_edit.edit.compute import EditSettings, Method, edit_facts, load_patch_rows
+from engram_edit.edit.facts import Fact, read_facts
+from engram_edit.edit.journal import apply_patch, undo_patch
+from engram_edit.eval import fact_metrics, greedy_hits
+from engram_edit.train import tokenize_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTS = ROOT / "fixtures" / "facts" / "counterfact.jsonl"
+TRUE = ROOT / "fixtures" / "facts" / "true_candidates.jsonl"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=paths.bundled_model_dir(),
+                   help="model directory; default: the bundled model")
+    p.add_argument("--facts", type=Path, default=FACTS,
+                   help="counterfactual edits; default fixtures/facts/counterfact.jsonl")
+    p.add_argument("--true", type=Path, default=TRUE,
+                   help="true facts for retention; default fixtures/facts/true_candidates.jsonl")
+    p.add_argument("--batch", type=int, default=200, help="facts in the one-batch run")
+    p.add_argument("--patches", type=int, default=10, help="sequential patches")
+    p.add_argument("--per-patch", type=int, default=100, help="facts per sequential patch")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fact samples and edits")
+    p.add_argument("--skip", nargs="*", default=[], choices=["batch", "overwrite",
+                                                              "sequential"],
+                   help="parts to leave out")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
+                   help="where patch-<date>.json is written; default bench/results")
+    return p.parse_args()
+
+
+def spread(facts: list[Fact], n: int, seed: int) -> list[int]:
+    """``n`` fact indices drawn evenly from every part of the file (it is sorted by relation)."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(len(facts), size=min(n, len(facts)), replace=False).tolist())
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and ".engram" not in p.parts}
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def batch_run(files, model, facts, stream, method: Method, seed: int) -> dict:
+    settings = EditSettings(method=method)
+    settings.distill.seed = seed
+    report = edit_facts(files, model, facts, settings, stream)
+    before, after = report.before, report.after
+    out = {"method": method.value, "facts": report.facts, "rows_touched": report.rows_touched,
+           "seconds": report.seconds, "edits_per_s": report.edits_per_s,
+           "unsolved": len(report.unsolved), "before": asdict(before), "after": asdict(after),
+           "heldout_loss_rise": after.heldout_loss / before.heldout_loss - 1}
+    if method is Method.DISTILL:
+        out["bars"] = {
+            "efficacy>=0.95": after.efficacy >= 0.95,
+            "neighbourhood>=0.95*before": after.neighbourhood >= 0.95 * before.neighbourhood,
+            "edits_per_s>=20": report.edits_per_s >= 20,
+            "heldout_loss_rise<1%": out["heldout_loss_rise"] < 0.01}
+    log(f"{method.value}: {report.facts} facts in {report.seconds:.1f} s "
+        f"({report.edits_per_s:.1f}/s); efficacy {before.efficacy:.3f} -> {after.efficacy:.3f}, "
+        f"paraphrase {before.paraphrase:.3f} -> {after.paraphrase:.3f}, neighbourhood "
+        f"{before.neighbourhood:.3f} -> {after.neighbourhood:.3f}, held-out loss "
+        f"{before.heldout_loss:.4f} -> {after.heldout_loss:.4f}")
+    return out
+
+
+def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, args) -> dict:
+    files, model = load_model(work, device="cpu", placement="gpu")
+    order = spread(facts, args.patches * args.per_patch, args.seed + 1)
+    rng = np.random.default_rng(args.seed + 2)
+    order = [order[i] for i in rng.permutation(len(order))]
+    chunks = [[facts[i] for i in order[k * args.per_patch:(k + 1) * args.per_patch]]
+              for k in range(args.patches)]
+    edited = {facts[i].prompt for i in order}
+    kept = [t for t in truths if t.prompt not in edited]
+    right = greedy_hits(model, files.tokenizer, kept)
+    known = [t for t, ok in zip(kept, right, strict=True) if ok]
+    log(f"true facts: {len(truths)}, not edited {len(kept)}, known before {len(known)}")
+    original = digests(work)
+    settings = EditSettings(measure=False)
+    settings.distill.seed = args.seed
+    patches = []
+    for k, chunk in enumerate(chunks):
+        report = edit_facts(files, model, chunk, settings, stream)
+        applied = apply_patch(files, report.patch, f"bench-{k:02d}")
+        load_patch_rows(model, report.patch, "after")
+        patches.append({"facts": len(chunk), "rows_touched": report.rows_touched,
+                        "seconds": report.seconds, "edits_per_s": report.edits_per_s,
+                        "unsolved": len(report.unsolved), "copy": applied.copy.name})
+        log(f"patch {k + 1}/{len(chunks)}: {report.rows_touched} rows, {report.seconds:.1f} s, "
+            f"{len(report.unsolved)} unsolved")
+    first = fact_metrics(model, files.tokenizer, chunks[0])
+    retained = greedy_hits(model, files.tokenizer, known)
+    log(f"after {len(order)} edits: efficacy on the first {len(chunks[0])} {first.efficacy:.3f},"
+        f" retention {retained.mean():.3f} of {len(known)}")
+    start = time.perf_counter()
+    for _ in chunks:
+        undo_patch(files)
+    undo_s = time.perf_counter() - start
+    restored = digests(work)
+    same = {name: restored.get(name) == sha for name, sha in original.items()}
+    log(f"undo of {len(chunks)} patches: {undo_s:.2f} s, every file equal: {all(same.values())}")
+    return {"patches": patches, "edits": len(order),
+            "first_patch": asdict(first), "true_known_before": len(known),
+            "retention": float(retained.mean()) if len(known) else None,
+            "undo_seconds": undo_s, "sha256_equal": same,
+            "bars": {"efficacy_first>=0.9": first.efficacy >= 0.9,
+                     "retention>=0.95": bool(len(known)) and float(retained.mean()) >= 0.95,
+                     "undo_byte_identical": all(same.values())}}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    facts = read_facts(args.facts)
+    truths = read_facts(args.true)
+    result: dict = {"benchmark": "patch", "date": datetime.datetime.now().isoformat(
+        timespec="seconds"), "model": str(args.model), "facts_file": str(args.facts),
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="patch-bench-") as tmp:
+        work = Path(tmp) / "model"
+        shutil.copytree(args.model, work, ignore=shutil.ignore_patterns(".engram"))
+        files, model = load_model(work, device="cpu", placement="gpu")
+        stream = np.asarray(tokenize_texts(paths.bundled_heldout_file(), files.tokenizer))
+        sample = [facts[i] for i in spread(facts, args.batch, args.seed)]
+        if "batch" not in args.skip:
+            result["batch"] = batch_run(files, model, sample, stream, Method.DISTILL, args.seed)
+        if "overwrite" not in args.skip:
+            result["overwrite"] = batch_run(files, model, sample, stream, Method.OVERWRITE,
+                                            args.seed)
+        del model
+        if "sequential" not in args.skip:
+            result["sequential"] = sequential_run(work, facts, truths, stream, args)
+    result["load_average_end"] = os.getloadavg()
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"patch-{datetime.date.today().isoformat()}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

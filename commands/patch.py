@@ -1,0 +1,285 @@
+"""engram-edit patch and overwrite: compute an edit of the table rows, then apply it (journalled)
+or, with --dry-run, only write the patch file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
+from commands._output import Output
+from engram_edit import paths
+from engram_edit.edit.locate import RowChoice
+from engram_edit.edit.patch import PATCH_SUFFIX, Patch, write_patch
+from engram_edit.errors import BadInputError
+
+NameOpt = Annotated[str | None, typer.Option(
+    "--name", help="Name of the patch (history and file name). Default: from FACTS or NGRAM.")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", metavar="FILE", help="Also write the patch file here.")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Write NAME.patch.safetensors (or --out) and change no model.")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait", help="If another engram-edit is writing these rows, wait for it.")]
+
+
+
+class MethodChoice(str, Enum):
+    """The choices of --method (engram_edit.edit.compute.Method, which imports torch)."""
+
+    distill = "distill"
+    overwrite = "overwrite"
+
+
+METRIC_KEYS = ("efficacy", "efficacy_top1", "paraphrase", "neighbourhood",
+               "neighbourhood_unchanged", "neighbourhood_kl", "heldout_loss")
+
+
+def render_metrics(console: Console, title: str, columns: dict[str, Any]) -> None:
+    """One row per metric, one column per model state (FactMetrics values or None)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for key in METRIC_KEYS:
+        cells = []
+        for m in columns.values():
+            value = None if m is None else getattr(m, key)
+            cells.append("-" if value is None else f"{value:.3f}")
+        table.add_row(key, *cells)
+    console.print(table)
+
+
+def _finish(output: Output, patch: Patch, name: str, out: Path | None, dry_run: bool,
+            model: Path | None, memory: Path | None, wait: bool) -> Path:
+    """Write the patch file(s) and, unless --dry-run, apply it. Returns the patch's path."""
+    from engram_edit.edit.journal import apply_patch, check_patch
+    from engram_edit.edit.target import open_writable
+
+    if dry_run:
+        return write_patch(patch, out or Path(f"{name}{PATCH_SUFFIX}"))
+    files, note = open_writable(paths.resolve_model(model), memory,
+                                lambda f: check_patch(f, patch, name))
+    report = apply_patch(files, patch, name, wait=wait)
+    for line in filter(None, [note, report.recovered and report.recovered.describe()]):
+        output.note(line)
+    if out is not None:
+        return write_patch(patch, out)
+    return report.copy
+
+
+def _check_out(name: str, out: Path | None) -> None:
+    from engram_edit.edit.store import check_name
+
+    check_name(name)
+    if out is not None and not out.name.endswith(PATCH_SUFFIX):
+        raise BadInputError(f"--out {out}: a patch file name ends in {PATCH_SUFFIX}")
+
+
+def patch_command(
+    facts: Annotated[Path, typer.Argument(
+        metavar="FACTS", help="JSONL fact file (EasyEdit fields or CounterFact records).",
+        show_default=False)],
+    method: Annotated[MethodChoice, typer.Option(
+        "--method", help="distill: a few dozen Adam steps on the located rows, backbone "
+        "frozen, with a locality term. overwrite: one closed-form least-squares solve through "
+        "the frozen model, no steps (faster, weaker).")] = MethodChoice.distill,
+    rows: Annotated[RowChoice, typer.Option(
+        "--rows", help="Which rows: n-grams that contain the subject (subject), those ending "
+        "where the target is predicted (final), both, or auto (subject, plus final ones that "
+        "are rare in the corpus n-gram index when there is one).")] = RowChoice.AUTO,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="distill: Adam steps at most per batch.")] = None,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="The same facts, settings and seed give identical rows.")] = 0,
+    heldout: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="JSONL of {text} held-out documents (locality term and the "
+        "heldout_loss metric). Default: the bundled model's validation split.")] = None,
+    measure: Annotated[bool, typer.Option(
+        "--measure/--no-measure", help="Measure the metrics before and after.")] = True,
+    name: NameOpt = None,
+    out: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    device: DeviceOpt = None,
+    wait: WaitOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Edit facts into the memory: compute the rows, write NAME.patch.safetensors, apply it.
+
+    The fact file is checked completely first; a bad one changes and creates
+    nothing. Every Engram layer's rows of the chosen n-grams are computed so
+    that each prompt continues with its target_new, the rest of the model
+    frozen. The patch (facts, method, settings, metrics, fingerprint) is
+    applied under the journal, with a copy in .engram/; `undo` restores the
+    rows bit for bit. With no --model the bundled model is copied to your
+    working copy first.
+
+    Metrics (before and after): efficacy (target beats ground truth), efficacy_top1
+    (greedy gives the target), paraphrase, neighbourhood (locality answers still
+    beat the new target), neighbourhood_unchanged, neighbourhood_kl, heldout_loss.
+
+    Examples:
+      engram-edit patch fixes.jsonl
+      engram-edit patch fixes.jsonl --dry-run --out fixes.patch.safetensors
+      engram-edit patch fixes.jsonl --method overwrite --rows both --json
+    """
+    from engram_edit.checkpoint import build_model, open_model
+    from engram_edit.edit.compute import EditSettings, Method, edit_facts
+    from engram_edit.edit.facts import read_facts
+    from engram_edit.edit.store import patch_name
+    from engram_edit.train import tokenize_texts
+
+    output = Output(json)
+    fact_list = read_facts(facts)
+    chosen = Method(method.value)
+    name = name or patch_name(facts.name.removesuffix(".jsonl"))
+    _check_out(name, out)
+    settings = EditSettings(method=chosen, rows=rows, measure=measure)
+    settings.distill.seed = seed
+    if steps is not None:
+        settings.distill.steps = steps
+    files = open_model(paths.resolve_model(model).path, memory)
+    net = build_model(files, device, placement="gpu")
+    stream = tokenize_texts(heldout or paths.bundled_heldout_file(), files.tokenizer)
+    counts = _ngram_counts(files, output)
+    with _progress(output) as on_progress:
+        report = edit_facts(files, net, fact_list, settings, stream, counts, on_progress)
+    where = _finish(output, report.patch, name, out, dry_run, model, memory, wait)
+    result = {"patch": str(where), "facts": report.facts, "rows_touched": report.rows_touched,
+              "seconds": report.seconds, "edits_per_s": report.edits_per_s,
+              "before": report.before and asdict(report.before),
+              "after": report.after and asdict(report.after)}
+    output.result(result, lambda console: _render_patch(console, result, report, dry_run))
+
+
+def _ngram_counts(files, output: Output):
+    """The corpus n-gram counter for ``--rows auto``, when an index goes with the model."""
+    from engram_edit.errors import MismatchError
+    from engram_edit.index import default_index_for
+
+    try:
+        index = default_index_for(files)
+    except MismatchError as err:
+        output.note(f"n-gram index not used: {err.problems[0]}")
+        return None
+    return None if index is None else index.ngram_count
+
+
+class _progress:
+    """A rich progress line on stderr while facts are edited (silent under --json)."""
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+
+    def __enter__(self):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                            TimeElapsedColumn(), console=self.output.err,
+                            disable=self.output.json_mode, transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("reading the model", total=None)
+
+        def update(p) -> None:
+            text = p.stage
+            if p.stage == "distill":
+                text = (f"distill batch {p.batch}/{p.batches}: step {p.step}, "
+                        f"{p.done}/{p.facts} facts done")
+            self.bar.update(self.task, description=text)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+def _render_patch(console: Console, result: dict, report, dry_run: bool) -> None:
+    verb = "wrote" if dry_run else "applied"
+    console.print(f"{verb} {result['patch']}: {report.facts} facts, {report.rows_touched} rows, "
+                  f"{report.seconds:.1f} s ({report.edits_per_s:.1f} edits/s)")
+    if report.unsolved:
+        console.print(f"{len(report.unsolved)} fact(s) did not reach the stop criterion")
+    if report.before is not None:
+        render_metrics(console, "metrics", {"before": report.before, "after": report.after})
+
+
+def overwrite_command(
+    ngram: Annotated[str, typer.Argument(
+        metavar="NGRAM", help="The n-gram whose rows change (2 to max-ngram tokens), e.g. "
+        "'Princess of'.", show_default=False)],
+    copy_from: Annotated[str | None, typer.Option(
+        "--copy-from", metavar="NGRAM", help="Copy this n-gram's rows, head by head.")] = None,
+    zero: Annotated[bool, typer.Option("--zero", help="Set the rows to zero.")] = False,
+    scale: Annotated[float | None, typer.Option(
+        "--scale", metavar="S", help="Multiply the rows by S.")] = None,
+    layer: Annotated[list[int] | None, typer.Option(
+        "--layer", metavar="ID", help="Only this Engram layer (repeat for more). Default: "
+        "all.")] = None,
+    heads: Annotated[list[int] | None, typer.Option(
+        "--heads", metavar="J", help="Only hash head J (repeat for more). Default: all.")
+    ] = None,
+    name: NameOpt = None,
+    out: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    wait: WaitOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Set the rows of one n-gram directly: copy another n-gram's, zero them, or scale them.
+
+    Each hash head's row of NGRAM (at its last token) is changed in every
+    Engram layer (or --layer, --heads). Rows shared with other n-grams by
+    hashing change for those too. The result is a patch like any other:
+    applied under the journal, undone bit for bit, or only written with
+    --dry-run. No model is built.
+
+    Examples:
+      engram-edit overwrite "Princess of" --copy-from "Prince of"
+      engram-edit overwrite "of Wales" --zero --layer 2 --dry-run
+      engram-edit overwrite "of Wales" --scale 0.5 --heads 0 --heads 1 --json
+    """
+    from engram_edit.checkpoint import open_model
+    from engram_edit.edit.compute import tool_version
+    from engram_edit.edit.overwrite import NgramOp, ngram_rows, ngram_values, rows_patch
+    from engram_edit.edit.store import patch_name
+
+    output = Output(json)
+    chosen = [op for op, on in ((NgramOp.COPY, copy_from is not None), (NgramOp.ZERO, zero),
+                                (NgramOp.SCALE, scale is not None)) if on]
+    if len(chosen) != 1:
+        raise BadInputError("give exactly one of --copy-from NGRAM, --zero or --scale S")
+    op = chosen[0]
+    name = name or patch_name(f"overwrite-{ngram}")
+    _check_out(name, out)
+    files = open_model(paths.resolve_model(model).path, memory)
+    rows = ngram_rows(files, ngram, layer, heads)
+    source = None if copy_from is None else ngram_rows(files, copy_from, layer, heads)
+    settings = {"ngram": ngram, "op": op.value, "copy_from": copy_from, "scale": scale,
+                "layers": sorted(rows), "heads": heads}
+    with files.table() as table:
+        values = ngram_values(table, rows, op, source, scale)
+        patch = rows_patch(table, files.fingerprint(), values, {
+            "method": "overwrite-ngram", "settings": settings, "version": tool_version(),
+            "fingerprint": files.fingerprint()})
+    where = _finish(output, patch, name, out, dry_run, model, memory, wait)
+    result = {"patch": str(where), "ngram": ngram, "op": op.value,
+              "rows_touched": patch.rows_touched,
+              "rows": {str(k): v.tolist() for k, v in rows.items()}}
+    output.result(result, lambda console: console.print(
+        f"{'wrote' if dry_run else 'applied'} {where}: {op.value} of {ngram!r}, "
+        f"{patch.rows_touched} row(s) changed"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("patch")(patch_command)
+    app.command("overwrite")(overwrite_command)

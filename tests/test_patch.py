@@ -1,0 +1,307 @@
+"""Computing edits (locate, distill, overwrite), their metrics, and the patch, overwrite and eval
+FACTS verbs, on tiny random models: small versions of the editing benchmark's bars."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from commands.main import app
+from conftest import make_tiny_model
+from engram_edit import paths
+from engram_edit.checkpoint import load_model, open_model
+from engram_edit.edit.compute import EditSettings, Method, edit_facts, load_patch_rows
+from engram_edit.edit.distill import DistillSettings
+from engram_edit.edit.facts import Fact
+from engram_edit.edit.locate import (
+    FactRows,
+    RowChoice,
+    group_facts,
+    locate_rows,
+    tokenize_fact,
+)
+from engram_edit.edit.overwrite import NgramOp, OverwriteSettings, ngram_rows, ngram_values
+from engram_edit.edit.patch import read_patch
+from engram_edit.eval import fact_metrics, greedy_hits, neighbour_reference
+
+FACTS = [
+    {"prompt": "Diana, Princess of", "subject": "Diana", "target_new": "Wales",
+     "ground_truth": "France", "rephrase_prompt": ["Diana was Princess of"],
+     "locality_prompt": ["The capital of Spain is"], "locality_ground_truth": ["Madrid"]},
+    {"prompt": "The capital of France is", "subject": "France", "target_new": "Lima",
+     "ground_truth": "Paris", "locality_prompt": ["Charles, Prince of"],
+     "locality_ground_truth": ["Wales"]},
+    {"prompt": "Prince Albert of", "subject": "Albert", "target_new": "Wales"},
+]
+# strong enough to move a random tiny model, whose rows barely matter at first
+STRONG = DistillSettings(steps=60, lr=0.3, norm_bound=100.0, heldout_windows=0)
+
+
+def run(args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny_model(path)
+    return path
+
+
+@pytest.fixture
+def model_dir(base_model, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(base_model, path)
+    return path
+
+
+@pytest.fixture
+def facts_file(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(base_model):
+    return load_model(base_model, device="cpu")
+
+
+def facts():
+    return [Fact(f["prompt"], f["subject"], f["target_new"], f.get("ground_truth"),
+                 f.get("rephrase_prompt", []), f.get("locality_prompt", []),
+                 f.get("locality_ground_truth", [])) for f in FACTS]
+
+
+# --- locate ------------------------------------------------------------------------------------
+
+def test_subject_rows_are_every_head_of_every_ngram_holding_a_subject_token(loaded):
+    files, _ = loaded
+    tokens = tokenize_fact(facts()[0], files.tokenizer)
+    assert tokens.subject == [0]  # "Diana" is the first token
+    rows = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.SUBJECT)
+    h = files.hasher
+    ids = files.tokenizer.compress(tokens.sequence)[None, :]
+    every = h.rows(ids)
+    # n-grams with token 0 end at positions 0 (orders 2, 3: pad-padded), 1 (orders 2, 3), 2 (3)
+    wanted = {(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}
+    for lid in h.layer_ids:
+        expect = sorted({int(every[lid][0, p, h.column(o, j)]) for p, o in wanted
+                         for j in range(h.n_heads)})
+        assert rows.rows[lid].tolist() == expect
+
+
+def test_auto_adds_a_final_ngram_only_when_the_index_says_it_is_rare(loaded):
+    files, _ = loaded
+    tokens = tokenize_fact(facts()[0], files.tokenizer)
+    plain = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.AUTO)
+    subject = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.SUBJECT)
+    common = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.AUTO, lambda g: 10**6)
+    rare = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.AUTO, lambda g: 0)
+    both = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.BOTH)
+    assert plain.count == subject.count == common.count < rare.count
+    assert rare.count == both.count
+
+
+def test_facts_sharing_a_row_are_batched_together():
+    a = FactRows({0: np.array([1, 2])})
+    b = FactRows({0: np.array([5])})
+    c = FactRows({0: np.array([2, 9])})
+    assert group_facts([a, b, c], max_group=2) == [[0, 2], [1]]
+    assert group_facts([a, b, c], max_group=1) == [[0], [2], [1]]
+
+
+# --- computing edits ---------------------------------------------------------------------------
+
+def test_distill_flips_a_tiny_models_predictions_and_leaves_the_model_as_it_was(loaded):
+    files, model = loaded
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = edit_facts(files, model, facts(), EditSettings(distill=STRONG))
+    assert report.before.efficacy < 1 and report.before.efficacy_top1 == 0
+    assert report.after.efficacy == 1.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    load_patch_rows(model, report.patch, "after")
+    try:  # the quantized rows of the patch do it; without a ground truth, greedy gives it
+        assert fact_metrics(model, files.tokenizer, facts()).efficacy == 1.0
+        assert greedy_hits(model, files.tokenizer, facts()[2:]).all()
+    finally:
+        load_patch_rows(model, report.patch, "before")
+
+
+def test_a_patch_touches_only_located_rows_and_records_how_it_was_made(loaded):
+    files, model = loaded
+    report = edit_facts(files, model, facts(), EditSettings(distill=STRONG))
+    located = [locate_rows(tokenize_fact(f, files.tokenizer), files.tokenizer, files.hasher)
+               for f in facts()]
+    for e in report.patch.edits:
+        allowed = np.unique(np.concatenate([fr.rows[e.layer_id] for fr in located]))
+        assert np.isin(e.rows, allowed).all()
+    meta = report.patch.metadata
+    assert meta["method"] == "distill" and meta["fingerprint"] == files.fingerprint()
+    assert [f["prompt"] for f in meta["facts"]] == [f["prompt"] for f in FACTS]
+    assert meta["metrics"]["metrics_version"] >= 1
+    assert meta["metrics"]["after"]["efficacy"] == report.after.efficacy
+    assert meta["settings"]["distill"]["steps"] == STRONG.steps and meta["version"]
+
+
+def test_the_same_facts_settings_and_seed_give_identical_rows(loaded):
+    files, model = loaded
+    settings = EditSettings(distill=DistillSettings(steps=5, heldout_windows=4, seed=3),
+                            measure=False)
+    stream = np.arange(3000) % 400
+    a = edit_facts(files, model, facts(), settings, heldout=stream).patch
+    b = edit_facts(files, model, facts(), settings, heldout=stream).patch
+    assert [e.layer_id for e in a.edits] == [e.layer_id for e in b.edits]
+    for x, y in zip(a.edits, b.edits, strict=True):
+        assert np.array_equal(x.rows, y.rows) and x.after.equals(y.after)
+
+
+def test_the_closed_form_moves_every_fact_toward_its_target_without_steps(loaded):
+    files, model = loaded
+    settings = EditSettings(method=Method.OVERWRITE,
+                            overwrite=OverwriteSettings(norm_bound=100.0, iterations=3))
+    report = edit_facts(files, model, facts(), settings)
+    assert report.patch.metadata["method"] == "overwrite"
+    assert report.after.efficacy > report.before.efficacy
+
+
+def test_the_unedited_model_is_its_own_neighbourhood_reference(loaded):
+    files, model = loaded
+    ref = neighbour_reference(model, files.tokenizer, facts())
+    m = fact_metrics(model, files.tokenizer, facts(), ref)
+    assert m.neighbourhood_unchanged == 1.0 and m.neighbourhood_kl == pytest.approx(0, abs=1e-6)
+    assert m.heldout_loss is None and m.paraphrase is not None
+
+
+# --- overwrite NGRAM ---------------------------------------------------------------------------
+
+def test_ngram_rows_are_one_per_head_at_the_last_token(loaded):
+    files, _ = loaded
+    rows = ngram_rows(files, " Princess of", heads=[1])
+    ids = files.tokenizer.compress(files.tokenizer.encode(" Princess of"))[None, :]
+    every = files.hasher.rows(ids)
+    assert rows == {lid: [int(every[lid][0, -1, files.hasher.column(2, 1)])]
+                    for lid in files.hasher.layer_ids}
+
+
+def test_zero_copy_and_scale_give_the_rows_they_name(loaded):
+    files, _ = loaded
+    rows = ngram_rows(files, " Princess of", layers=[2])
+    source = ngram_rows(files, " Prince of", layers=[2])
+    with files.table() as table:
+        assert not ngram_values(table, rows, NgramOp.ZERO)[2][1].any()
+        copied = ngram_values(table, rows, NgramOp.COPY, source)[2][1]
+        assert np.array_equal(copied, table.read_rows(2, source[2]))
+        scaled = ngram_values(table, rows, NgramOp.SCALE, scale=0.5)[2][1]
+        assert np.allclose(scaled, 0.5 * table.read_rows(2, rows[2]))
+
+
+def test_overwrite_zero_applies_and_undo_restores_every_byte(model_dir):
+    digest = sha256(model_dir / "model.safetensors")
+    code, out, err = run(["overwrite", " Princess of", "--zero", "--model", model_dir, "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["rows_touched"] == 4 and result["op"] == "zero"
+    with open_model(model_dir).table() as table:
+        for lid, rows in result["rows"].items():
+            assert not table.read_rows(int(lid), np.array(rows)).any()
+    assert run(["undo", "--last", "--model", model_dir])[0] == 0
+    assert sha256(model_dir / "model.safetensors") == digest
+
+
+@pytest.mark.parametrize("args, what", [
+    ([" Princess of"], "exactly one of"),
+    ([" Princess of", "--zero", "--scale", "2"], "exactly one of"),
+    ([" Princess", "--zero"], "1 token(s)"),
+    ([" Princess of", "--zero", "--layer", "1"], "--layer 1: not an Engram layer"),
+])
+def test_overwrite_refuses_bad_requests_with_exit_2_and_changes_nothing(model_dir, args, what):
+    before = tree(model_dir)
+    code, out, err = run(["overwrite", *args, "--model", model_dir])
+    assert code == 2 and out == "" and what in err
+    assert tree(model_dir) == before
+
+
+# --- the patch verb ----------------------------------------------------------------------------
+
+def test_patch_applies_and_undo_restores_the_file_byte_for_byte(model_dir, facts_file):
+    digest = sha256(model_dir / "model.safetensors")
+    code, out, err = run(["patch", facts_file, "--model", model_dir, "--steps", "3", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"patch", "facts", "rows_touched", "seconds", "edits_per_s",
+                           "before", "after"}
+    assert set(result["after"]) == {"efficacy", "efficacy_top1", "paraphrase", "neighbourhood",
+                                    "neighbourhood_unchanged", "neighbourhood_kl",
+                                    "heldout_loss"}
+    assert result["facts"] == 3 and result["rows_touched"] > 0
+    patch = read_patch(result["patch"])
+    assert result["patch"].startswith(str(model_dir / ".engram" / "patches"))
+    assert sha256(model_dir / "model.safetensors") != digest
+    assert patch.metadata["metrics"]["after"] == result["after"]
+    assert run(["undo", "--last", "--model", model_dir])[0] == 0
+    assert sha256(model_dir / "model.safetensors") == digest
+
+
+def test_dry_run_writes_the_patch_file_and_changes_no_model(model_dir, facts_file, tmp_path):
+    before = tree(model_dir)
+    out_file = tmp_path / "fix.patch.safetensors"
+    code, out, err = run(["patch", facts_file, "--model", model_dir, "--steps", "2",
+                          "--no-measure", "--dry-run", "--out", out_file, "--json"])
+    assert code == 0, err
+    assert json.loads(out)["patch"] == str(out_file) and json.loads(out)["after"] is None
+    assert read_patch(out_file).metadata["method"] == "distill"
+    assert tree(model_dir) == before
+
+
+def test_a_patch_for_another_memory_is_refused_with_one_line(model_dir, facts_file, tmp_path):
+    out_file = tmp_path / "fix.patch.safetensors"
+    assert run(["patch", facts_file, "--model", model_dir, "--steps", "1", "--no-measure",
+                "--dry-run", "--out", out_file])[0] == 0
+    other = tmp_path / "other"
+    make_tiny_model(other, engram_seed=5)
+    digest = sha256(other / "model.safetensors")
+    code, _, err = run(["apply", out_file, "--model", other])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "memory" in err
+    assert sha256(other / "model.safetensors") == digest
+
+
+@pytest.mark.parametrize("line, field", [
+    ("{oops", "line"),
+    ({"prompt": "Diana, Princess of", "subject": "Charles", "target_new": "Wales"}, "subject"),
+    ({"prompt": "Diana, Princess of", "subject": "Diana", "target_new": " "}, "target_new"),
+])
+def test_a_bad_fact_file_exits_2_with_its_line_and_creates_nothing(model_dir, tmp_path, line,
+                                                                   field):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(FACTS[0]) + "\n" + (line if isinstance(line, str)
+                                                   else json.dumps(line)) + "\n")
+    before = tree(model_dir)
+    for args in (["patch", bad, "--model", model_dir], ["patch", bad], ["eval", bad]):
+        code, out, err = run(args)
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == [err.strip().splitlines()[0]]
+        assert f"{bad}:2: {field}: " in err
+    assert tree(model_dir) == before and not (tmp_path / "bad.patch.safetensors").exists()
+    assert not paths.working_copy_dir().exists()
+
+
+def test_eval_facts_reports_the_metric_set_with_memory_on_and_off(model_dir, facts_file):
+    code, out, err = run(["eval", facts_file, "--model", model_dir, "--ablate", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["facts"] == 3 and set(result) >= {"memory", "no_memory", "metrics_version"}
+    assert result["memory"]["neighbourhood_unchanged"] == 1.0
