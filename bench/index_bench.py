@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from engram_edit.checkpoint import load_model
-from engram_edit.index import RowSearch, build_index
+from engram_edit.index import build_index
 from engram_edit.paths import bundled_model_dir
+from engram_edit.search import RowSearch
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = 8  # columns of the synthetic table: orders 2..3 x 4 heads, as in the bundled model

@@ -22,8 +22,9 @@ from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
 from commands._output import Output, human_bytes, human_count
 from engram_edit.checkpoint import open_memory, open_model
 from engram_edit.errors import BadInputError
-from engram_edit.index import BuildReport, SearchResult
+from engram_edit.index import BuildReport
 from engram_edit.paths import resolve_model
+from engram_edit.search import SearchResult
 
 
 def index(
@@ -121,7 +122,8 @@ def search(
       engram-edit search " Empire" --json
     """
     from engram_edit.checkpoint import load_model
-    from engram_edit.index import NgramIndex, default_index_for, search_rows
+    from engram_edit.index import NgramIndex, default_index_for
+    from engram_edit.search import search_rows
 
     output = Output(json)
     files, net = load_model(resolve_model(model).path, memory, device)

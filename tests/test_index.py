@@ -20,15 +20,14 @@ from engram_edit.errors import BadInputError, MismatchError
 from engram_edit.index import (
     INDEX_FILE,
     NgramIndex,
-    RowSearch,
     _keys,
     _OrderCounter,
     build_index,
     bundled_index_file,
     default_index_for,
-    search_rows,
 )
 from engram_edit.paths import bundled_model_dir
+from engram_edit.search import RowSearch, search_rows
 from engram_edit.tensorfile import read_header
 
 WORDS = ("the cat sat on a mat while Sri Lanka is an island of tea and the dog ran to "
