@@ -104,6 +104,9 @@ def patch_command(
         "heldout_loss metric). Default: the bundled model's validation split.")] = None,
     measure: Annotated[bool, typer.Option(
         "--measure/--no-measure", help="Measure the metrics before and after.")] = True,
+    keep_applied: Annotated[bool, typer.Option(
+        "--keep-applied/--no-keep-applied", help="distill: keep the facts of patches already "
+        "applied to this model solved where they share rows with the new ones.")] = True,
     name: NameOpt = None,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
@@ -133,7 +136,7 @@ def patch_command(
       engram-edit patch fixes.jsonl --method overwrite --rows both --json
     """
     from engram_edit.checkpoint import build_model, open_model
-    from engram_edit.edit.compute import EditSettings, Method, edit_facts
+    from engram_edit.edit.compute import EditSettings, Method, applied_facts, edit_facts
     from engram_edit.edit.facts import read_facts
     from engram_edit.edit.store import patch_name
     from engram_edit.train import tokenize_texts
@@ -151,8 +154,9 @@ def patch_command(
     net = build_model(files, device, placement="gpu")
     stream = tokenize_texts(heldout or paths.bundled_heldout_file(), files.tokenizer)
     counts = _ngram_counts(files, output)
+    keep = applied_facts(files) if keep_applied and chosen is Method.DISTILL else []
     with _progress(output) as on_progress:
-        report = edit_facts(files, net, fact_list, settings, stream, counts, on_progress)
+        report = edit_facts(files, net, fact_list, settings, stream, counts, on_progress, keep)
     where = _finish(output, report.patch, name, out, dry_run, model, memory, wait)
     result = {"patch": str(where), "facts": report.facts, "rows_touched": report.rows_touched,
               "seconds": report.seconds, "edits_per_s": report.edits_per_s,
@@ -204,7 +208,8 @@ class _progress:
 
 def _render_patch(console: Console, result: dict, report, dry_run: bool) -> None:
     verb = "wrote" if dry_run else "applied"
-    console.print(f"{verb} {result['patch']}: {report.facts} facts, {report.rows_touched} rows, "
+    facts = f"{report.facts} fact" + ("s" if report.facts != 1 else "")
+    console.print(f"{verb} {result['patch']}: {facts}, {report.rows_touched} rows, "
                   f"{report.seconds:.1f} s ({report.edits_per_s:.1f} edits/s)")
     if report.unsolved:
         console.print(f"{len(report.unsolved)} fact(s) did not reach the stop criterion")

@@ -14,7 +14,13 @@ from commands.main import app
 from conftest import make_tiny_model
 from engram_edit import paths
 from engram_edit.checkpoint import load_model, open_model
-from engram_edit.edit.compute import EditSettings, Method, edit_facts, load_patch_rows
+from engram_edit.edit.compute import (
+    EditSettings,
+    Method,
+    applied_facts,
+    edit_facts,
+    load_patch_rows,
+)
 from engram_edit.edit.distill import DistillSettings
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import (
@@ -254,6 +260,15 @@ def test_patch_applies_and_undo_restores_the_file_byte_for_byte(model_dir, facts
     assert patch.metadata["metrics"]["after"] == result["after"]
     assert run(["undo", "--last", "--model", model_dir])[0] == 0
     assert sha256(model_dir / "model.safetensors") == digest
+
+
+def test_the_facts_of_applied_patches_are_kept_for_the_next_edit(model_dir, facts_file):
+    assert run(["patch", facts_file, "--model", model_dir, "--steps", "1", "--no-measure"])[0] == 0
+    kept = applied_facts(open_model(model_dir))
+    assert [f.prompt for f in kept] == [f["prompt"] for f in FACTS]
+    assert kept[0].ground_truth == "France" and kept[2].ground_truth is None
+    assert run(["undo", "--last", "--model", model_dir])[0] == 0
+    assert applied_facts(open_model(model_dir)) == []
 
 
 def test_dry_run_writes_the_patch_file_and_changes_no_model(model_dir, facts_file, tmp_path):

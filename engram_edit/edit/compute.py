@@ -143,10 +143,29 @@ def _split_heldout(stream: np.ndarray | None) -> tuple[np.ndarray | None, np.nda
     return stream[:half], stream[half:]
 
 
+def applied_facts(files: ModelFiles) -> list[Fact]:
+    """The facts of every patch applied to ``files`` (from the copies in ``.engram/``), oldest
+    first; patches made without facts (overwrite NGRAM) add none."""
+    from engram_edit.edit.journal import history
+    from engram_edit.edit.store import engram_dir, load_copy
+
+    out = []
+    for entry in history(files):
+        if not entry.applied:
+            continue
+        for d in load_copy(engram_dir(files), entry).metadata.get("facts", []):
+            out.append(Fact(d["prompt"], d["subject"], d["target_new"], d.get("ground_truth"),
+                            list(d.get("rephrase_prompt") or []),
+                            list(d.get("locality_prompt") or []),
+                            list(d.get("locality_ground_truth") or [])))
+    return out
+
+
 def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
                settings: EditSettings | None = None, heldout: np.ndarray | None = None,
                ngram_count: NgramCount | None = None,
-               progress: Callable[[EditProgress], None] | None = None) -> EditReport:
+               progress: Callable[[EditProgress], None] | None = None,
+               keep: list[Fact] | None = None) -> EditReport:
     """The patch that makes ``model`` give each fact's target, with its metrics.
 
     Args:
@@ -158,6 +177,9 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
             ``heldout_loss`` sample, its second half distill's locality sample.
         ngram_count (`NgramCount`, optional): corpus n-gram counts for ``--rows auto``.
         progress (`Callable[[EditProgress], None]`, optional): called as work proceeds.
+        keep (`list[Fact]`, optional): facts edited before (``applied_facts``) that distill
+            keeps solved where they share a row with these; one with the prompt of a new fact
+            is dropped (the new target replaces it).
 
     Returns:
         `EditReport`: the patch (metadata: facts, method, settings, metrics with
@@ -190,7 +212,11 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         edited = {f.prompt for f in facts}  # a neighbour being edited is no neighbour
         locality = [[tok.encode(p) for p in f.locality_prompts if p not in edited]
                     for f in facts]
-        result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step)
+        kept = [tokenize_fact(f, tok) for f in keep or [] if f.prompt not in edited]
+        kept_rows = [locate_rows(t, tok, files.hasher, settings.rows, ngram_count)
+                     for t in kept]
+        result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step,
+                         list(zip(kept, kept_rows, strict=True)))
         values, unsolved = result.values, result.undone
     else:
         tell(EditProgress("overwrite", 1, 1, 0, 0, len(facts)))

@@ -344,7 +344,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
 def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRows],
             locality: list[list[list[int]]], settings: DistillSettings,
             heldout: np.ndarray | None = None,
-            progress: Callable[[DistillProgress], None] | None = None) -> DistillResult:
+            progress: Callable[[DistillProgress], None] | None = None,
+            keep: list[tuple[FactTokens, FactRows]] = ()) -> DistillResult:
     """New values of every touched row, batch by batch.
 
     Each batch optimizes the deltas of its facts' rows with Adam so that every fact's target
@@ -363,18 +364,21 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
         settings (`DistillSettings`): steps, learning rate, locality, norm bound, seed.
         heldout (`np.ndarray`, optional): a held-out token stream for the locality term.
         progress (`Callable[[DistillProgress], None]`, optional): called after every step.
+        keep (`list[tuple[FactTokens, FactRows]]`, optional): facts to keep solved.
 
     Returns:
         `DistillResult`: per layer the sorted touched rows and their new float32 values.
     """
     bounds = layer_norm_bounds(model, settings.norm_bound)
     windows = _heldout_windows(heldout, settings)
-    batches = group_facts(fact_rows, settings.batch_facts)
+    batches = group_facts(list(fact_rows), settings.batch_facts)
     layer_ids = model.config.engram_layer_ids
     device = next(model.parameters()).device
     originals: dict[int, dict[int, torch.Tensor]] = {lid: {} for lid in layer_ids}
     steps, undone = [], []
-    solved: list[int] = []
+    tokens = list(tokens) + [t for t, _ in keep]
+    fact_rows = list(fact_rows) + [r for _, r in keep]
+    solved = list(range(len(tokens) - len(keep), len(tokens)))
     try:
         for k, batch in enumerate(batches):
             touched = {lid: torch.from_numpy(np.unique(np.concatenate(
@@ -388,9 +392,13 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
                 if progress is not None:
                     progress(DistillProgress(k + 1, len(batches), step, done, n))
 
+            # earlier facts that share a row with this batch (hash collisions aside)
+            shared = [i for i in solved if any(
+                np.isin(fact_rows[i].rows[lid], touched[lid].cpu().numpy()).any()
+                for lid in layer_ids)]
             deltas, n_steps, done = _solve_batch(
                 model, [tokens[i] for i in batch], [fact_rows[i] for i in batch],
-                [tokens[i] for i in solved], touched, loc, bounds, settings, report)
+                [tokens[i] for i in shared], touched, loc, bounds, settings, report)
             steps.append(n_steps)
             undone += [i for i, ok in zip(batch, done, strict=True) if not ok]
             solved += [i for i, ok in zip(batch, done, strict=True) if ok]
