@@ -112,7 +112,8 @@ def batch_run(files, model, facts, stream, method: Method, seed: int) -> dict:
     return out
 
 
-def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, args) -> dict:
+def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, args,
+                   partial=None) -> dict:
     files, model = load_model(work, device="cpu", placement="gpu")
     order = spread(facts, args.patches * args.per_patch, args.seed + 1)
     rng = np.random.default_rng(args.seed + 2)
@@ -143,6 +144,8 @@ def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, ar
                         "unsolved": len(report.unsolved), "copy": applied.copy.name})
         log(f"patch {k + 1}/{len(chunks)}: {report.rows_touched} rows, {report.seconds:.1f} s, "
             f"{len(report.unsolved)} unsolved")
+        if partial is not None:  # a run cut short still leaves its figures so far
+            partial({"patches_so_far": patches})
     first = fact_metrics(model, files.tokenizer, chunks[0])
     retained = {name: greedy_hits(model, files.tokenizer, group) if group else np.zeros(0)
                 for name, group in known.items()}
@@ -190,12 +193,18 @@ def main() -> None:
             result["overwrite"] = batch_run(files, model, sample, stream, Method.OVERWRITE,
                                             args.seed)
         del model
+        args.results.mkdir(parents=True, exist_ok=True)
+        out = args.results / f"patch-{datetime.date.today().isoformat()}.json"
+
+        def save(part: dict | None = None) -> None:
+            out.write_text(json.dumps({**result, **({"sequential": part} if part else {})},
+                                      indent=2) + "\n")
+
+        save()
         if "sequential" not in args.skip:
-            result["sequential"] = sequential_run(work, facts, truths, stream, args)
+            result["sequential"] = sequential_run(work, facts, truths, stream, args, save)
     result["load_average_end"] = os.getloadavg()
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"patch-{datetime.date.today().isoformat()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     log(f"wrote {out}")
 
 

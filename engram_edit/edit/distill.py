@@ -306,10 +306,10 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
         while True:
             final = not active.any() or step >= settings.steps
             if final or since_check >= settings.check_every:
-                moved = {lid: (d != 0).any(1) for lid, d in deltas.items()}
                 check = torch.zeros(len(facts), dtype=torch.bool)
                 check[:len(tokens)] = True
-                check |= seqs.reading(moved)
+                if final:  # kept facts are checked only when the batch may be done
+                    check |= seqs.reading({lid: (d != 0).any(1) for lid, d in deltas.items()})
                 with torch.no_grad():  # the truths' own forward pass only when it may end
                     ok = _scores(model, seqs, check, gold, truths, settings, exact=final)[2]
                 unsolved[check] = ~ok
