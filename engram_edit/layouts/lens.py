@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -116,15 +117,40 @@ def lens_probs(files, layer_id: int, columns: list[int], rows: np.ndarray) -> np
         raise BadInputError(f"layer {layer_id}: rows must be [N, {len(columns)}, {w}], got "
                             f"shape {list(x.shape)}")
     weight = value_projection(files, layer_id, columns)  # [hidden, len(columns) * w]
-    v = x.reshape(len(x), -1) @ weight.T  # [N, hidden]
-    norm = _floats(_need(files, "norm.weight"), 0, 1)[0]
-    h = v / np.sqrt(np.mean(np.square(v), axis=-1, keepdims=True) + config.rms_norm_eps) * norm
-    head = _need(files, "lm_head.weight")
-    step = max(1, HEAD_CHUNK_BYTES // (head.shape[1] * 2))
-    logits = np.empty((len(x), head.shape[0]), np.float32)
-    for first in range(0, head.shape[0], step):
-        count = min(step, head.shape[0] - first)
-        logits[:, first:first + count] = h @ _floats(head, first, count).T
+    h = normed(files, x.reshape(len(x), -1) @ weight.T)
+    logits = np.empty((len(x), config.vocab_size), np.float32)
+    for first, chunk in head_chunks(files):
+        logits[:, first:first + len(chunk)] = h @ chunk.T
     logits -= logits.max(axis=-1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=-1, keepdims=True)
+
+
+def final_norm(files) -> np.ndarray:
+    """The final RMSNorm's weight, float32 ``[hidden]``."""
+    return _floats(_need(files, "norm.weight"), 0, 1)[0]
+
+
+def normed(files, v: np.ndarray) -> np.ndarray:
+    """``v [..., hidden]`` through the final RMSNorm (eps ``rms_norm_eps``)."""
+    rms = np.sqrt(np.mean(np.square(v), axis=-1, keepdims=True) + files.config.rms_norm_eps)
+    return v / rms * final_norm(files)
+
+
+def head_rows(files, ids: list[int]) -> np.ndarray:
+    """The LM head's rows (unembeddings) of token ids, float32 ``[len(ids), hidden]``; only
+    those rows are read."""
+    head = _need(files, "lm_head.weight")
+    bad = [i for i in ids if not 0 <= i < head.shape[0]]
+    if bad:
+        raise BadInputError(f"token id {bad[0]} is outside the LM head's {head.shape[0]} rows")
+    return np.concatenate([_floats(head, i, 1) for i in ids]) if ids else \
+        np.zeros((0, head.shape[1]), np.float32)
+
+
+def head_chunks(files) -> Iterator[tuple[int, np.ndarray]]:
+    """The whole LM head, ``HEAD_CHUNK_BYTES`` at a time: (first row, float32 rows)."""
+    head = _need(files, "lm_head.weight")
+    step = max(1, HEAD_CHUNK_BYTES // (head.shape[1] * 2))
+    for first in range(0, head.shape[0], step):
+        yield first, _floats(head, first, min(step, head.shape[0] - first))
