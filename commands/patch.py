@@ -130,6 +130,14 @@ def patch_command(
     (greedy gives the target), paraphrase, neighbourhood (locality answers still
     beat the new target), neighbourhood_unchanged, neighbourhood_kl, heldout_loss.
 
+    On a DeepSeek-V4.1 directory only --method overwrite runs (distill needs
+    the whole network): each located row, alone in its column, is moved to say
+    the target's first token over the ground truth's through the logit lens
+    (wkv value rows, final norm, LM head), a minimum-norm least-squares change.
+    The metrics above need the whole network and are null there; --json adds
+    "lens": {"before", "after"}: {"margin": mean lens log P(target) - log
+    P(ground truth) of the edited rows, "won": share of them above 0}.
+
     Examples:
       engram-edit patch fixes.jsonl
       engram-edit patch fixes.jsonl --dry-run --out fixes.patch.safetensors
@@ -139,6 +147,7 @@ def patch_command(
     from engram_edit.edit.compute import EditSettings, Method, applied_facts, edit_facts
     from engram_edit.edit.facts import read_facts
     from engram_edit.edit.store import patch_name
+    from engram_edit.layouts import v4
     from engram_edit.train import tokenize_texts
 
     output = Output(json)
@@ -151,6 +160,15 @@ def patch_command(
     if steps is not None:
         settings.distill.steps = steps
     files = open_model(paths.resolve_model(model).path, memory)
+    if files.layout == v4.NAME:
+        if chosen is not Method.OVERWRITE:
+            raise BadInputError(f"{files.path}: --method {chosen.value} needs the whole "
+                                f"network, which engram-edit cannot run for a {files.layout} "
+                                f"directory; use --method overwrite (closed form through the "
+                                f"logit lens)")
+        _lens_patch(output, files, fact_list, rows, measure, name, out, dry_run, model, memory,
+                    wait)
+        return
     net = build_model(files, device, placement="gpu")
     stream = tokenize_texts(heldout or paths.bundled_heldout_file(), files.tokenizer)
     counts = _ngram_counts(files, output)
@@ -163,6 +181,38 @@ def patch_command(
               "before": report.before and asdict(report.before),
               "after": report.after and asdict(report.after)}
     output.result(result, lambda console: _render_patch(console, result, report, dry_run))
+
+
+def _lens_patch(output: Output, files, fact_list: list, rows: RowChoice, measure: bool,
+                name: str, out: Path | None, dry_run: bool, model: Path | None,
+                memory: Path | None, wait: bool) -> None:
+    """patch --method overwrite on a V4.1 directory: the closed form through its logit lens."""
+    from engram_edit.edit.lens_overwrite import lens_edit
+
+    report = lens_edit(files, fact_list, rows=rows, ngram_count=_ngram_counts(files, output))
+    where = _finish(output, report.patch, name, out, dry_run, model, memory, wait)
+    unmeasured = dict.fromkeys(METRIC_KEYS) if measure else None
+    result = {"patch": str(where), "facts": report.facts, "rows_touched": report.rows_touched,
+              "seconds": report.seconds, "edits_per_s": report.edits_per_s,
+              "before": unmeasured, "after": unmeasured, "sharing": None, "notes": [],
+              "lens": {"before": asdict(report.before), "after": asdict(report.after)}
+              if measure and report.before is not None else None}
+    output.result(result, lambda console: _render_lens(console, result, report, dry_run))
+
+
+def _render_lens(console: Console, result: dict, report, dry_run: bool) -> None:
+    verb = "wrote" if dry_run else "applied"
+    console.print(f"{verb} {result['patch']}: {report.facts} fact(s), {report.rows_touched} "
+                  f"rows, {report.seconds:.1f} s, closed form through the logit lens")
+    lens = result["lens"]
+    if lens is not None:
+        console.print(f"edited rows alone in their columns, mean lens margin log P(target) - "
+                      f"log P(ground truth): {lens['before']['margin']:.2f} -> "
+                      f"{lens['after']['margin']:.2f} nats; rows saying the target: "
+                      f"{lens['before']['won']:.0%} -> {lens['after']['won']:.0%}")
+    if report.unsolved:
+        console.print(f"{len(report.unsolved)} fact(s) keep a row that says the ground truth")
+    console.print("efficacy, paraphrase and locality need the whole network: not measured here")
 
 
 def _ngram_counts(files, output: Output):
