@@ -1,5 +1,6 @@
 """Which table rows a fact touches: the n-grams of its prompt that hold the subject, in every
-Engram layer, and (``--rows final|both``, or ``auto`` when specific) the final position's.
+Engram layer, and (``--rows final|both``, or ``auto`` when specific) the final position's;
+``auto`` with a corpus n-gram index also leaves out heads whose row is crowded.
 
 Tokenizing facts and hashing them is here; optimizing the rows is distill.py's, writing them
 overwrite.py's and journal.py's (ENGRAM_SPEC.md section 4, issue 6 "Methods").
@@ -7,7 +8,7 @@ overwrite.py's and journal.py's (ENGRAM_SPEC.md section 4, issue 6 "Methods").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,6 +22,10 @@ from engram_edit.tokenizer import EngramTokenizer
 # How often (in the corpus n-gram index) a final-position n-gram may occur and still count as
 # specific to one fact under ``auto``; template n-grams such as "of the" occur far more often.
 RARE_NGRAM_COUNT = 20
+# Under ``auto`` with slot loads, a head's row is crowded when the other n-grams reading it
+# occur in the corpus more than this many times as often as on the median of the n-gram's
+# other heads (in the same layer); the rule keeps at least half of an n-gram's heads.
+CROWDED_RATIO = 3.0
 
 
 class RowChoice(str, Enum):
@@ -28,7 +33,8 @@ class RowChoice(str, Enum):
 
     subject: every n-gram that contains a subject token, at the positions that predict the
     target. final: every n-gram ending at those positions. both: the union. auto: subject, plus
-    the final n-grams that are rare in the corpus n-gram index (when one is given).
+    the final n-grams that are rare in the corpus n-gram index, less each n-gram's crowded
+    heads (``CROWDED_RATIO``; both only when an index is given).
     """
 
     AUTO = "auto"
@@ -75,12 +81,17 @@ def tokenize_fact(fact: Fact, tokenizer: EngramTokenizer) -> FactTokens:
 NgramCount = Callable[[tuple[int, ...]], int]
 """Corpus count of an n-gram given as compressed ids (from the corpus n-gram index)."""
 
+SlotOccurrences = Mapping[int, np.ndarray]
+"""Per Engram layer, the corpus occurrences of the indexed n-grams reading each global row
+(``NgramIndex.slot_loads(layer)[1]``)."""
+
 
 @dataclass
 class FactRows:
     """Rows one fact touches, per Engram layer: sorted unique int64 row ids."""
 
     rows: dict[int, np.ndarray]
+    left_out: int = 0  # crowded head rows that ``auto`` left out (before deduplication)
 
     @property
     def count(self) -> int:
@@ -107,16 +118,36 @@ def _ngrams(tokens: FactTokens, hasher: NgramHasher, choice: RowChoice, compress
             else:
                 keep = has_subject
                 if not keep and final and ngram_count is not None:
-                    ids = tuple(int(compressed[i]) if i >= 0 else hasher.pad_id for i in span)
-                    keep = ngram_count(ids) < RARE_NGRAM_COUNT
+                    keep = ngram_count(_ngram_ids(compressed, pos, order,
+                                                  hasher.pad_id)) < RARE_NGRAM_COUNT
             if keep:
                 chosen.append((pos, order))
     return chosen
 
 
+def crowded_heads(others: np.ndarray) -> list[int]:
+    """The heads to leave out of one n-gram's rows in one layer, given the corpus occurrences
+    of the other n-grams on each head's row: those above ``CROWDED_RATIO`` x the median of
+    the other heads' (x 1 when that is below 1).
+
+    At most half the heads are: were more, the least crowded of them would have a median of
+    the others at least as large as its own load."""
+    out: list[int] = []
+    for j, load in enumerate(others.tolist() if len(others) > 1 else []):
+        bar = CROWDED_RATIO * max(float(np.median(np.delete(others, j))), 1.0)
+        if load > bar:
+            out.append(j)
+    return out
+
+
+def _ngram_ids(compressed: np.ndarray, pos: int, order: int, pad_id: int) -> tuple[int, ...]:
+    return tuple(int(compressed[i]) if i >= 0 else pad_id for i in range(pos - order + 1, pos + 1))
+
+
 def locate_rows(tokens: FactTokens, tokenizer: EngramTokenizer, hasher: NgramHasher,
                 choice: RowChoice = RowChoice.AUTO,
-                ngram_count: NgramCount | None = None) -> FactRows:
+                ngram_count: NgramCount | None = None,
+                slot_occurrences: SlotOccurrences | None = None) -> FactRows:
     """The rows of every head of every chosen n-gram, in every Engram layer.
 
     Candidates are the n-grams the target's prediction reads: those ending anywhere in the
@@ -130,9 +161,12 @@ def locate_rows(tokens: FactTokens, tokenizer: EngramTokenizer, hasher: NgramHas
         choice (`RowChoice`, defaults to auto): which n-grams.
         ngram_count (`NgramCount`, optional): corpus counts, used by ``auto`` to keep rare
             final-position n-grams; without it ``auto`` is ``subject``.
+        slot_occurrences (`SlotOccurrences`, optional): with ``ngram_count``, ``auto`` leaves
+            out each n-gram's crowded heads (``crowded_heads``).
 
     Returns:
-        `FactRows`: per layer, sorted unique row ids (empty arrays when nothing is chosen).
+        `FactRows`: per layer, sorted unique row ids (empty arrays when nothing is chosen),
+        and how many crowded head rows were left out.
 
     Example:
         >>> t = tokenize_fact(Fact("Diana, Princess of", "Diana", "Wales"), tok)  # doctest: +SKIP
@@ -142,13 +176,23 @@ def locate_rows(tokens: FactTokens, tokenizer: EngramTokenizer, hasher: NgramHas
     seq = np.asarray(tokens.sequence, dtype=np.int64)
     compressed = tokenizer.compress(seq)
     rows = hasher.rows(compressed[None, :])  # layer -> [1, T, C]
-    chosen = _ngrams(tokens, hasher, RowChoice(choice), compressed, ngram_count)
-    out = {}
+    choice = RowChoice(choice)
+    chosen = _ngrams(tokens, hasher, choice, compressed, ngram_count)
+    spare = (choice is RowChoice.AUTO and ngram_count is not None
+             and slot_occurrences is not None)
+    out, left_out = {}, 0
     for lid in hasher.layer_ids:
-        picked = [rows[lid][0, pos, hasher.column(order, h)]
-                  for pos, order in chosen for h in range(hasher.n_heads)]
+        picked = []
+        for pos, order in chosen:
+            heads = rows[lid][0, pos, [hasher.column(order, h) for h in range(hasher.n_heads)]]
+            if spare:
+                own = ngram_count(_ngram_ids(compressed, pos, order, hasher.pad_id))
+                drop = crowded_heads(np.asarray(slot_occurrences[lid][heads], np.int64) - own)
+                heads = np.delete(heads, drop)
+                left_out += len(drop)
+            picked += heads.tolist()
         out[lid] = np.unique(np.asarray(picked, dtype=np.int64))
-    return FactRows(out)
+    return FactRows(out, left_out)
 
 
 def group_facts(fact_rows: list[FactRows], max_group: int) -> list[list[int]]:
