@@ -6,11 +6,12 @@ is journal.py's. The model is used as a scratch copy and left as it was given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,10 @@ import torch
 from engram_edit.checkpoint import ModelFiles
 from engram_edit.edit.distill import DistillProgress, DistillSettings, distill
 from engram_edit.edit.facts import Fact
-from engram_edit.edit.locate import NgramCount, RowChoice, locate_rows, tokenize_fact
+from engram_edit.edit.locate import FactRows, FactTokens, RowChoice, locate_rows, tokenize_fact
 from engram_edit.edit.overwrite import OverwriteSettings, closed_form, rows_patch
 from engram_edit.edit.patch import Patch
+from engram_edit.edit.sharing import FactSharing, corpus_of, facts_sharing, sharer_prompts
 from engram_edit.eval import (
     METRICS_VERSION,
     FactMetrics,
@@ -29,6 +31,7 @@ from engram_edit.eval import (
     heldout_windows,
     neighbour_reference,
 )
+from engram_edit.index import NgramIndex
 from engram_edit.model import EngramModel
 from engram_edit.tokenizer import EngramTokenizer
 
@@ -48,6 +51,9 @@ class EditSettings:
     distill: DistillSettings = field(default_factory=DistillSettings)
     overwrite: OverwriteSettings = field(default_factory=OverwriteSettings)
     measure: bool = True  # measure the metric set before and after
+    skip_crowded: bool = True  # rows auto, with an index: leave out crowded heads (locate.py)
+    sharer_contexts: int = 4  # distill, with an index: locality prompts per fact that end
+    # with one of its top sharers (sharing.py; 0: none)
     heldout_windows: int = 32  # held-out windows of the heldout_loss metric
     heldout_tokens: int = 128  # tokens per metric window
 
@@ -63,7 +69,7 @@ class EditSettings:
 
 @dataclass
 class EditProgress:
-    stage: str  # "measure before", "distill", "overwrite", "measure after"
+    stage: str  # "measure before", "sharer contexts", "distill", "overwrite", "measure after"
     batch: int = 0
     batches: int = 0
     step: int = 0
@@ -82,6 +88,8 @@ class EditReport:
     before: FactMetrics | None
     after: FactMetrics | None
     unsolved: list[int]  # indices of facts that did not reach the method's stop criterion
+    sharing: list[FactSharing] | None = None  # per fact, with an index: rows and their sharers
+    notes: list[str] = field(default_factory=list)  # what could not be done, and why
 
     @property
     def edits_per_s(self) -> float:
@@ -163,9 +171,10 @@ def applied_facts(files: ModelFiles) -> list[Fact]:
 
 def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
                settings: EditSettings | None = None, heldout: np.ndarray | None = None,
-               ngram_count: NgramCount | None = None,
+               index: NgramIndex | None = None,
                progress: Callable[[EditProgress], None] | None = None,
-               keep: list[Fact] | None = None) -> EditReport:
+               keep: list[Fact] | None = None,
+               corpus: Sequence[str | Path] | None = None) -> EditReport:
     """The patch that makes ``model`` give each fact's target, with its metrics.
 
     Args:
@@ -175,15 +184,21 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         settings (`EditSettings`, optional): method, rows, method settings, measuring.
         heldout (`np.ndarray`, optional): a held-out token stream; its first half is the
             ``heldout_loss`` sample, its second half distill's locality sample.
-        ngram_count (`NgramCount`, optional): corpus n-gram counts for ``--rows auto``.
+        index (`NgramIndex`, optional): the corpus n-gram index. ``--rows auto`` then adds
+            rare final n-grams and leaves out crowded heads; the report lists each fact's
+            sharers; distill adds ``sharer_contexts`` locality prompts per fact.
         progress (`Callable[[EditProgress], None]`, optional): called as work proceeds.
         keep (`list[Fact]`, optional): facts edited before (``applied_facts``) that distill
             keeps solved where they share a row with these; one with the prompt of a new fact
             is dropped (the new target replaces it).
+        corpus (`Sequence[str | Path]`, optional): text the sharer locality prompts are cut
+            from; default: the index's own corpus files, and none (with a note in the report)
+            when they are gone.
 
     Returns:
         `EditReport`: the patch (metadata: facts, method, settings, metrics with
-        ``metrics_version``, tool version, fingerprint, created), timing and metrics.
+        ``metrics_version``, tool version, fingerprint, created, and with an index the
+        ``sharing`` of each fact), timing, metrics, sharing and notes.
 
     Example:
         >>> files, model = load_model("model", placement="gpu")  # doctest: +SKIP
@@ -204,7 +219,17 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         before = fact_metrics(model, tok, facts, reference, windows)
     start = time.perf_counter()
     tokens = [tokenize_fact(f, tok) for f in facts]
-    fact_rows = [locate_rows(t, tok, files.hasher, settings.rows, ngram_count) for t in tokens]
+    count = None if index is None else index.ngram_count
+    loads = ({lid: index.slot_loads(lid)[1] for lid in files.hasher.layer_ids}
+             if index is not None and settings.skip_crowded and settings.rows is RowChoice.AUTO
+             else None)
+
+    def locate(t: FactTokens) -> FactRows:
+        return locate_rows(t, tok, files.hasher, settings.rows, count, loads)
+
+    fact_rows = [locate(t) for t in tokens]
+    sharing = None if index is None else facts_sharing(index, tokens, fact_rows)
+    notes = []
     if settings.method is Method.DISTILL:
         def on_step(p: DistillProgress) -> None:
             tell(EditProgress("distill", p.batch, p.batches, p.step, p.done, p.facts))
@@ -212,9 +237,18 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         edited = {f.prompt for f in facts}  # a neighbour being edited is no neighbour
         locality = [[tok.encode(p) for p in f.locality_prompts if p not in edited]
                     for f in facts]
+        if sharing is not None and settings.sharer_contexts > 0:
+            source = corpus_of(index) if corpus is None else corpus
+            if source:
+                tell(EditProgress("sharer contexts"))
+                extra = sharer_prompts(index, sharing, settings.sharer_contexts, source)
+                locality = [a + b for a, b in zip(locality, extra, strict=True)]
+            else:
+                notes.append(f"no sharer contexts in the locality term: the index's corpus "
+                             f"({', '.join(s.path for s in index.info.sources)}) is not "
+                             f"there; pass the corpus files to use")
         kept = [tokenize_fact(f, tok) for f in keep or [] if f.prompt not in edited]
-        kept_rows = [locate_rows(t, tok, files.hasher, settings.rows, ngram_count)
-                     for t in kept]
+        kept_rows = [locate(t) for t in kept]
         result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step,
                          list(zip(kept, kept_rows, strict=True)))
         values, unsolved = result.values, result.undone
@@ -242,8 +276,10 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
                     "before": before and asdict(before), "after": after and asdict(after)},
         "seconds": seconds,
         "unsolved": unsolved,
+        **({} if sharing is None else {"sharing": [s.to_dict() for s in sharing]}),
         "version": tool_version(),
         "fingerprint": files.fingerprint(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return EditReport(patch, len(facts), patch.rows_touched, seconds, before, after, unsolved)
+    return EditReport(patch, len(facts), patch.rows_touched, seconds, before, after, unsolved,
+                      sharing, notes)
