@@ -36,6 +36,9 @@ class MethodChoice(str, Enum):
     overwrite = "overwrite"
 
 
+SHOWN_FACTS = 10  # facts in the rows-and-sharers table (--json lists every fact)
+SHOWN_SHARERS = 3  # sharers per fact in that table
+
 METRIC_KEYS = ("efficacy", "efficacy_top1", "paraphrase", "neighbourhood",
                "neighbourhood_unchanged", "neighbourhood_kl", "heldout_loss")
 
@@ -107,6 +110,18 @@ def patch_command(
     keep_applied: Annotated[bool, typer.Option(
         "--keep-applied/--no-keep-applied", help="distill: keep the facts of patches already "
         "applied to this model solved where they share rows with the new ones.")] = True,
+    skip_crowded: Annotated[bool, typer.Option(
+        "--skip-crowded/--no-skip-crowded", help="--rows auto with an n-gram index: leave out "
+        "an n-gram's heads whose row the other n-grams use > 3x as much as the median of its "
+        "other heads' (at most half of its heads).")] = True,
+    sharer_contexts: Annotated[int, typer.Option(
+        "--sharer-contexts", metavar="N", min=0, help="distill with an n-gram index: add to "
+        "each fact's locality prompts N corpus texts ending with the top n-grams that share "
+        "its rows (0: none).")] = 1,
+    corpus: Annotated[list[Path] | None, typer.Option(
+        "--corpus", metavar="FILE", help="Corpus text for --sharer-contexts (JSONL with a "
+        "text field, or plain text; repeat for more). Default: the files the index was "
+        "built from, when they are there.")] = None,
     name: NameOpt = None,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
@@ -129,6 +144,15 @@ def patch_command(
     Metrics (before and after): efficacy (target beats ground truth), efficacy_top1
     (greedy gives the target), paraphrase, neighbourhood (locality answers still
     beat the new target), neighbourhood_unchanged, neighbourhood_kl, heldout_loss.
+
+    With a corpus n-gram index (the model's own from `index`, else the bundled
+    one), each fact also lists the rows it touched and the other n-grams those
+    rows serve. --json adds "sharing": one object per fact, {"prompt",
+    "rows": {layer: rows touched}, "left_out": crowded head rows left out,
+    "slot_ngrams" and "slot_occurrences": mean indexed n-grams per touched row
+    and their mean corpus occurrences, "sharers": [{"ngram", "count", "rows"}]
+    (top 10 by corpus count), "more_sharers", "contexts": locality prompts cut
+    from the corpus}, or null without an index; and "notes": [lines].
 
     On a DeepSeek-V4.1 directory only --method overwrite runs (distill needs
     the whole network): each located row, alone in its column, is moved to say
@@ -155,7 +179,11 @@ def patch_command(
     chosen = Method(method.value)
     name = name or patch_name(facts.name.removesuffix(".jsonl"))
     _check_out(name, out)
-    settings = EditSettings(method=chosen, rows=rows, measure=measure)
+    missing = [f"--corpus {p}: no such file" for p in corpus or [] if not p.is_file()]
+    if missing:
+        raise BadInputError(missing)
+    settings = EditSettings(method=chosen, rows=rows, measure=measure,
+                            skip_crowded=skip_crowded, sharer_contexts=sharer_contexts)
     settings.distill.seed = seed
     if steps is not None:
         settings.distill.steps = steps
@@ -171,15 +199,21 @@ def patch_command(
         return
     net = build_model(files, device, placement="gpu")
     stream = tokenize_texts(heldout or paths.bundled_heldout_file(), files.tokenizer)
-    counts = _ngram_counts(files, output)
+    index = _index(files, output)
     keep = applied_facts(files) if keep_applied and chosen is Method.DISTILL else []
     with _progress(output) as on_progress:
-        report = edit_facts(files, net, fact_list, settings, stream, counts, on_progress, keep)
+        report = edit_facts(files, net, fact_list, settings, stream, index, on_progress, keep,
+                            corpus)
+    for line in report.notes:
+        output.note(line)
     where = _finish(output, report.patch, name, out, dry_run, model, memory, wait)
     result = {"patch": str(where), "facts": report.facts, "rows_touched": report.rows_touched,
               "seconds": report.seconds, "edits_per_s": report.edits_per_s,
               "before": report.before and asdict(report.before),
-              "after": report.after and asdict(report.after)}
+              "after": report.after and asdict(report.after),
+              "sharing": report.sharing and [{"prompt": f.prompt, **s.to_dict()} for f, s in
+                                             zip(fact_list, report.sharing, strict=True)],
+              "notes": report.notes}
     output.result(result, lambda console: _render_patch(console, result, report, dry_run))
 
 
@@ -189,7 +223,9 @@ def _lens_patch(output: Output, files, fact_list: list, rows: RowChoice, measure
     """patch --method overwrite on a V4.1 directory: the closed form through its logit lens."""
     from engram_edit.edit.lens_overwrite import lens_edit
 
-    report = lens_edit(files, fact_list, rows=rows, ngram_count=_ngram_counts(files, output))
+    index = _index(files, output)
+    report = lens_edit(files, fact_list, rows=rows,
+                       ngram_count=None if index is None else index.ngram_count)
     where = _finish(output, report.patch, name, out, dry_run, model, memory, wait)
     unmeasured = dict.fromkeys(METRIC_KEYS) if measure else None
     result = {"patch": str(where), "facts": report.facts, "rows_touched": report.rows_touched,
@@ -215,17 +251,16 @@ def _render_lens(console: Console, result: dict, report, dry_run: bool) -> None:
     console.print("efficacy, paraphrase and locality need the whole network: not measured here")
 
 
-def _ngram_counts(files, output: Output):
-    """The corpus n-gram counter for ``--rows auto``, when an index goes with the model."""
+def _index(files, output: Output):
+    """The corpus n-gram index that goes with the model, if any (``--rows auto``, sharers)."""
     from engram_edit.errors import MismatchError
     from engram_edit.index import default_index_for
 
     try:
-        index = default_index_for(files)
+        return default_index_for(files)
     except MismatchError as err:
         output.note(f"n-gram index not used: {err.problems[0]}")
         return None
-    return None if index is None else index.ngram_count
 
 
 class _progress:
@@ -265,6 +300,27 @@ def _render_patch(console: Console, result: dict, report, dry_run: bool) -> None
         console.print(f"{len(report.unsolved)} fact(s) did not reach the stop criterion")
     if report.before is not None:
         render_metrics(console, "metrics", {"before": report.before, "after": report.after})
+    if result["sharing"]:
+        _render_sharing(console, result["sharing"])
+
+
+def _render_sharing(console: Console, sharing: list[dict]) -> None:
+    """A line per fact (the first SHOWN_FACTS): rows per layer, crowded rows left out, how
+    crowded the touched rows are, and the most frequent other n-grams on them."""
+    from rich.table import Table
+
+    table = Table(title="rows touched and the other n-grams they serve", title_justify="left")
+    for name in ("fact", "rows", "left out", "n-grams/row", "top sharers (corpus count)"):
+        table.add_column(name, justify="right" if name in ("left out", "n-grams/row") else "left")
+    for s in sharing[:SHOWN_FACTS]:
+        rows = ", ".join(f"L{lid} {n}" for lid, n in s["rows"].items())
+        shown = [f"{x['ngram']!r} ({x['count']})" for x in s["sharers"][:SHOWN_SHARERS]]
+        more = len(s["sharers"]) - len(shown) + s["more_sharers"]
+        table.add_row(s["prompt"], rows, str(s["left_out"]), f"{s['slot_ngrams']:.1f}",
+                      ", ".join(shown + ([f"+{more} more"] if more else [])) or "-")
+    console.print(table)
+    if len(sharing) > SHOWN_FACTS:
+        console.print(f"... and {len(sharing) - SHOWN_FACTS} more facts (--json lists all)")
 
 
 def overwrite_command(

@@ -249,7 +249,8 @@ def test_patch_applies_and_undo_restores_the_file_byte_for_byte(model_dir, facts
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == {"patch", "facts", "rows_touched", "seconds", "edits_per_s",
-                           "before", "after"}
+                           "before", "after", "sharing", "notes"}
+    assert result["sharing"] is None  # the bundled index does not fit the tiny tokenizer
     assert set(result["after"]) == {"efficacy", "efficacy_top1", "paraphrase", "neighbourhood",
                                     "neighbourhood_unchanged", "neighbourhood_kl",
                                     "heldout_loss"}

@@ -52,8 +52,8 @@ class EditSettings:
     overwrite: OverwriteSettings = field(default_factory=OverwriteSettings)
     measure: bool = True  # measure the metric set before and after
     skip_crowded: bool = True  # rows auto, with an index: leave out crowded heads (locate.py)
-    sharer_contexts: int = 4  # distill, with an index: locality prompts per fact that end
-    # with one of its top sharers (sharing.py; 0: none)
+    sharer_contexts: int = 1  # distill, with an index: locality prompts per fact that end
+    # with one of its top sharers (sharing.py; 0: none). README "Shared rows" has the numbers.
     heldout_windows: int = 32  # held-out windows of the heldout_loss metric
     heldout_tokens: int = 128  # tokens per metric window
 
