@@ -23,7 +23,12 @@ import torch
 
 from engram_edit.edit.frozen import DeltaEmbedding, ScoredBatch, substituted_rows
 from engram_edit.edit.locate import FactRows, FactTokens, group_facts
-from engram_edit.edit.overwrite import clip_rows, layer_norm_bounds
+from engram_edit.edit.overwrite import (
+    OverwriteSettings,
+    clip_rows,
+    closed_form,
+    layer_norm_bounds,
+)
 from engram_edit.model import EngramModel
 
 
@@ -41,6 +46,8 @@ class DistillSettings:
     norm_bound: float = 2.0  # an edited row's norm stays <= this x the layer's 99th percentile
     check_every: int = 10  # steps between checks of every fact (solved ones may be moved back)
     seed: int = 0  # picks the held-out windows
+    warm_start: bool = True  # start from overwrite's closed form (one pass) instead of zero
+    warm_margin: float = 3.0  # the margin the closed form aims at
 
 
 @dataclass
@@ -130,42 +137,57 @@ class _Sequences:
 class _Locality:
     """KL(unedited || edited) on the next-token distributions of neighbour prompts (at their
     last token) and of held-out windows (every position); the unedited side is computed once.
-    A step uses every window and, for each fact still being solved, one of its neighbours in
-    turn (all of them every few steps, at a third of the cost)."""
 
-    def __init__(self, model: EngramModel, prompts: list[list[int]], owners: list[int],
-                 windows: list[list[int]], touched: dict[int, torch.Tensor]) -> None:
-        seqs = prompts + windows
-        scored = [[len(s) - 1] for s in prompts] + [list(range(len(w))) for w in windows]
+    A step uses, for each fact still being solved, one of its neighbours in turn, and a quarter
+    of the windows in turn (weighted by 4, so that the term's expectation is the whole sample's);
+    of those, only the ones that read a row that is still moving, since no other can change."""
+
+    WINDOW_TURNS = 4
+
+    def __init__(self, prompts: list[list[int]], owners: list[int],
+                 windows: list[list[int]]) -> None:
+        self.seqs = prompts + windows
+        self.scored = [[len(s) - 1] for s in prompts] + [list(range(len(w))) for w in windows]
         self.owner = torch.tensor(owners + [-1] * len(windows), dtype=torch.long)
         turn = [sum(o == owners[i] for o in owners[:i]) for i in range(len(owners))]
         count = [owners.count(o) for o in owners]
-        self.turn = torch.tensor(turn + [0] * len(windows), dtype=torch.long)
-        self.count = torch.tensor(count + [1] * len(windows), dtype=torch.long)
-        self.seqs = _Sequences(model, seqs, scored, touched)
+        turns = min(self.WINDOW_TURNS, len(windows)) or 1
+        self.turn = torch.tensor(turn + [i % turns for i in range(len(windows))],
+                                 dtype=torch.long)
+        self.count = torch.tensor(count + [turns] * len(windows), dtype=torch.long)
+        self.weight = [1.0] * len(prompts) + [float(turns)] * len(windows)
         self.reference: list[torch.Tensor] = []
-        if seqs:
-            everything = torch.ones(len(seqs), dtype=torch.bool)
-            with torch.no_grad():
-                logp = self.seqs.batch(everything).log_probs(model)
-            self.reference = list(logp.split([len(s) for s in scored]))
 
-    def loss(self, model: EngramModel, active: torch.Tensor, step: int) -> torch.Tensor | None:
-        """The KL term at ``step`` while the facts marked in ``active`` (bool, CPU) are being
-        solved: a sum with one unit per prompt or window (its positions averaged)."""
-        if not len(self.seqs):
-            return None
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def compute_reference(self, model: EngramModel, seqs: _Sequences, first: int) -> None:
+        """The unedited distributions, from the rows as they are now (the sequences are
+        ``seqs``'s from index ``first`` on)."""
+        if not len(self):
+            return
+        select = torch.zeros(len(seqs), dtype=torch.bool)
+        select[first:] = True
+        with torch.no_grad():
+            logp = seqs.batch(select).log_probs(model)
+        self.reference = list(logp.split([len(s) for s in self.scored]))
+
+    def select(self, active: torch.Tensor, reading: torch.Tensor, step: int) -> torch.Tensor:
+        """bool ``[len(self)]``: this step's prompts and windows, for the facts marked in
+        ``active`` (bool, CPU) while the sequences marked in ``reading`` read a moving row."""
         neighbour = self.owner >= 0
-        select = ~neighbour
-        select[neighbour] = (active[self.owner[neighbour]]
-                             & (self.turn[neighbour] == step % self.count[neighbour]))
-        if not select.any():
-            return None
+        chosen = self.turn == step % self.count
+        chosen[neighbour] &= active[self.owner[neighbour]]
+        return chosen & reading
+
+    def kl(self, logp: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """The KL term of the selected sequences from their log-probs ``logp`` (in order): a
+        sum with one weighted unit per prompt or window (its positions averaged)."""
         chosen = torch.nonzero(select).flatten().tolist()
-        logp = self.seqs.batch(select).log_probs(model)
         ref = torch.cat([self.reference[i] for i in chosen])
         kl = (ref.exp() * (ref - logp)).sum(-1)
-        weight = torch.cat([torch.full((len(self.reference[i]),), 1 / len(self.reference[i]))
+        weight = torch.cat([torch.full((len(self.reference[i]),),
+                                       self.weight[i] / len(self.reference[i]))
                             for i in chosen]).to(kl.device)
         return (kl * weight).sum()
 
@@ -197,67 +219,62 @@ def _owned(fact_rows: list[FactRows], touched: dict[int, torch.Tensor], n: int
     return out
 
 
-def _truth_logprob(model: EngramModel, facts: list[FactTokens]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log P of each fact's ground truth after its prompt with the current rows: (its first
-    token, the rest), NaN for a fact without one."""
+def _truth_rest(model: EngramModel, facts: list[FactTokens]) -> torch.Tensor:
+    """log P of each fact's ground truth tokens after the first (teacher forced) with the
+    current rows: 0 for a one-token truth, NaN for a fact without one. The first token's is in
+    the target's own forward pass, at the same position."""
     device = next(model.parameters()).device
-    first = torch.full((len(facts),), float("nan"), device=device)
-    rest = first.clone()
-    has = [i for i, t in enumerate(facts) if t.truth]
-    if not has:
-        return first, rest
-    seqs = [(facts[i].prompt + facts[i].truth)[:-1] for i in has]
-    scored = [list(range(len(facts[i].prompt) - 1, len(s))) for i, s in zip(has, seqs,
-                                                                             strict=True)]
+    rest = torch.tensor([0.0 if t.truth else float("nan") for t in facts], device=device)
+    longer = [i for i, t in enumerate(facts) if t.truth and len(t.truth) > 1]
+    if not longer:
+        return rest
+    seqs = [(facts[i].prompt + facts[i].truth)[:-1] for i in longer]
+    scored = [list(range(len(facts[i].prompt), len(s))) for i, s in zip(longer, seqs,
+                                                                         strict=True)]
     with torch.no_grad():
         logp = ScoredBatch.build(model, seqs, scored).log_probs(model)
-    gold = torch.tensor([x for i in has for x in facts[i].truth], device=device)
-    lengths = torch.tensor([len(facts[i].truth) for i in has], device=device)
-    tok = logp.gather(1, gold[:, None]).squeeze(1)
-    starts = torch.cumsum(lengths, 0) - lengths
-    first[has] = tok[starts]
-    owner = torch.repeat_interleave(torch.arange(len(has), device=device), lengths)
-    rest[has] = torch.zeros(len(has), device=device).index_add(0, owner, tok) - tok[starts]
-    return first, rest
+    gold = torch.tensor([x for i in longer for x in facts[i].truth[1:]], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(longer), device=device), torch.tensor(
+        [len(facts[i].truth) - 1 for i in longer], device=device))
+    rest[longer] = torch.zeros(len(longer), device=device).index_add(
+        0, owner, logp.gather(1, gold[:, None]).squeeze(1))
+    return rest
 
 
 class _Truths:
-    """log P(ground truth) per fact of a batch. Exact costs a forward pass of the truths; the
-    estimate takes the first truth token from the target's own forward pass (the same
-    position) and the rest as it was at the last exact pass. The rest drifts as the subject's
-    rows change, so the estimate only picks which facts get an exact pass."""
+    """log P(ground truth) per fact of a batch: its first token from the target's own forward
+    pass (the same position), the rest from a pass of the truths (multi-token truths only). The
+    rest drifts as the subject's rows change; it is redone when a fact may be solved, and the
+    last value otherwise only picks which facts get that pass."""
 
     def __init__(self, model: EngramModel, facts: list[FactTokens], known: int) -> None:
-        """Exact for the first ``known`` facts now; the others get theirs at a check, the
+        """The rest now for the first ``known`` facts; the others get theirs at a check, the
         only way they enter a step."""
         device = next(model.parameters()).device
         self.facts = facts
         self.token = torch.tensor([t.truth[0] if t.truth else 0 for t in facts], device=device)
-        self.first = torch.full((len(facts),), float("nan"), device=device)
-        self.rest = self.first.clone()
-        self.first[:known], self.rest[:known] = _truth_logprob(model, facts[:known])
+        self.rest = torch.full((len(facts),), float("nan"), device=device)
+        self.rest[:known] = _truth_rest(model, facts[:known])
 
-    def exact(self, model: EngramModel, idx: list[int]) -> torch.Tensor:
-        first, rest = _truth_logprob(model, [self.facts[i] for i in idx])
-        self.first[idx], self.rest[idx] = first, rest
-        return first + rest
-
-    def estimate(self, idx: list[int], first_logp: torch.Tensor) -> torch.Tensor:
-        """``first_logp`` ``[len(idx), vocab]``: log-probs after each prompt."""
+    def __call__(self, model: EngramModel, idx: list[int], first_logp: torch.Tensor,
+                 exact: bool = False) -> torch.Tensor:
+        """log P(truth) of the facts ``idx``; ``first_logp`` ``[len(idx), vocab]``: log-probs
+        after each prompt. ``exact`` (or a fact whose rest is not known yet) redoes the rest."""
+        redo = [i for i in idx if self.facts[i].truth and (exact or bool(self.rest[i].isnan()))]
+        if redo:
+            self.rest[redo] = _truth_rest(model, [self.facts[i] for i in redo])
         first = first_logp.gather(1, self.token[idx][:, None]).squeeze(1)
         return first + self.rest[idx]
 
 
-def _scores(model: EngramModel, seqs: _Sequences, select: torch.Tensor,
-            gold: list[torch.Tensor], truths: _Truths, settings: DistillSettings,
-            exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the selected facts: log P(target) (differentiable), target length, and solved
-    (CPU bool): the target beats the ground truth by ``margin``; without a ground truth,
-    P(target) >= ``stop_prob`` and greedy decoding gives it."""
-    device = next(model.parameters()).device
-    idx = torch.nonzero(select).flatten().tolist()
-    logp = seqs.batch(select).log_probs(model)
+def _scores(model: EngramModel, logp: torch.Tensor, idx: list[int], gold: list[torch.Tensor],
+            truths: _Truths, settings: DistillSettings, exact: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the facts ``idx``, from the log-probs ``logp`` at their target positions (in order):
+    log P(target) (differentiable), target length, and solved (CPU bool): the target beats the
+    ground truth by ``margin``; without a ground truth, P(target) >= ``stop_prob`` and greedy
+    decoding gives it."""
+    device = logp.device
     gold_sel = torch.cat([gold[i] for i in idx])
     lengths = torch.tensor([len(gold[i]) for i in idx], device=device)
     owner = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)
@@ -265,14 +282,12 @@ def _scores(model: EngramModel, seqs: _Sequences, select: torch.Tensor,
         0, owner, logp.gather(1, gold_sel[:, None]).squeeze(1))
     wrong = torch.zeros(len(idx), device=device).index_add(
         0, owner, (logp.argmax(-1) != gold_sel).float())
-    starts = torch.cumsum(lengths, 0) - lengths
-    if exact:
-        truth = truths.exact(model, idx)
-    else:  # estimate; a fact the estimate calls solved is confirmed by its truth's own pass
-        truth = truths.estimate(idx, logp.detach()[starts])
+    first = logp.detach()[torch.cumsum(lengths, 0) - lengths]
+    truth = truths(model, idx, first, exact)
+    if not exact:  # a fact the estimate calls solved is confirmed with its truth's own pass
         sure = torch.nonzero(lp.detach() >= truth + settings.margin).flatten().tolist()
         if sure:
-            truth[sure] = truths.exact(model, [idx[i] for i in sure])
+            truth[sure] = truths(model, [idx[i] for i in sure], first[sure], exact=True)
     by_margin = lp.detach() >= truth + settings.margin
     by_prob = (lp.detach() >= float(np.log(settings.stop_prob))) & (wrong == 0)
     return lp, lengths.float(), torch.where(truth.isnan(), by_prob, by_margin).cpu()
@@ -281,53 +296,74 @@ def _scores(model: EngramModel, seqs: _Sequences, select: torch.Tensor,
 def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRows],
                  keep: list[FactTokens], touched: dict[int, torch.Tensor],
                  locality: _Locality, bounds: dict[int, float], settings: DistillSettings,
-                 report: Callable[[int, int], None]
+                 report: Callable[[int, int], None],
+                 start: dict[int, torch.Tensor] | None = None
                  ) -> tuple[dict[int, torch.Tensor], int, list[bool]]:
-    """Deltas on ``touched`` rows that solve ``tokens`` (and keep ``keep`` solved)."""
+    """Deltas on ``touched`` rows that solve ``tokens`` (and keep ``keep`` solved).
+
+    One forward pass a step holds the facts being solved and the locality sequences chosen for
+    the step (``_Sequences`` indices: the facts, then ``locality``'s)."""
     facts = tokens + keep
+    n = len(facts)
     device = next(model.parameters()).device
-    seqs = _Sequences(model, [t.sequence[:-1] for t in facts],
-                      [list(t.predicting) for t in facts], touched)
-    owned = _owned(rows, touched, len(facts))
+    seqs = _Sequences(model, [t.sequence[:-1] for t in facts] + locality.seqs,
+                      [list(t.predicting) for t in facts] + locality.scored, touched)
+    locality.compute_reference(model, seqs, n)
+    owned = _owned(rows, touched, n)
     gold = [torch.tensor(t.target, device=device) for t in facts]
     truths = _Truths(model, facts, len(tokens))
     weights = {lid: model.engram(lid).embed.weight.detach()[t] for lid, t in touched.items()}
-    deltas = {lid: torch.zeros_like(w, requires_grad=True) for lid, w in weights.items()}
+    deltas = {lid: (start[lid].clone() if start else torch.zeros_like(w)).requires_grad_(True)
+              for lid, w in weights.items()}
+    checked = {lid: torch.zeros_like(w) for lid, w in weights.items()}  # deltas at the check
     adam = _RowAdam(deltas, settings.lr, eps=settings.adam_eps)
     # a fact whose sequence reads none of the rows the batch may move cannot be helped
-    movable = seqs.reading({lid: m.any(0) for lid, m in owned.items()})
-    unsolved = torch.zeros(len(facts), dtype=torch.bool)
+    movable = seqs.reading({lid: m.any(0) for lid, m in owned.items()})[:n]
+    unsolved = torch.zeros(n, dtype=torch.bool)
     unsolved[:len(tokens)] = True  # kept facts start solved
     active = unsolved & movable  # the facts in the forward pass of the next step
+    no_locality = torch.zeros(len(locality), dtype=torch.bool)
     step = since_check = 0
+    limit = settings.steps
     lookups = {lid: DeltaEmbedding(model.engram(lid).embed, touched[lid], deltas[lid])
                for lid in touched}
     with substituted_rows(model, lookups):
         while True:
-            final = not active.any() or step >= settings.steps
+            final = not active.any() or step >= limit
             if final or since_check >= settings.check_every:
-                check = torch.zeros(len(facts), dtype=torch.bool)
-                check[:len(tokens)] = True
-                if final:  # kept facts are checked only when the batch may be done
-                    check |= seqs.reading({lid: (d != 0).any(1) for lid, d in deltas.items()})
-                with torch.no_grad():  # the truths' own forward pass only when it may end
-                    ok = _scores(model, seqs, check, gold, truths, settings, exact=final)[2]
-                unsolved[check] = ~ok
+                # what was not solved at the last check, and what reads a row moved since
+                check = unsolved | seqs.reading({lid: (d != checked[lid]).any(1)
+                                                 for lid, d in deltas.items()})[:n]
+                idx = torch.nonzero(check).flatten().tolist()
+                if idx:
+                    with torch.no_grad():
+                        logp = seqs.batch(torch.cat([check, no_locality])).log_probs(model)
+                        ok = _scores(model, logp, idx, gold, truths, settings, exact=final)[2]
+                    unsolved[check] = ~ok
+                checked = {lid: d.detach().clone() for lid, d in deltas.items()}
                 active, since_check = unsolved & movable, 0
                 report(step, int((~unsolved[:len(tokens)]).sum()))
-                if not active.any() or step >= settings.steps:
+                if not active.any():
                     break
-            lp, n_tokens, ok = _scores(model, seqs, active, gold, truths, settings)
+                if step >= limit:  # out of steps: one short round for broken kept facts
+                    if limit > settings.steps or not active[len(tokens):].any():
+                        break
+                    limit += max(1, settings.steps // 4)
+                    active[:len(tokens)] = False
+            moving = {lid: m[active.to(m.device)].any(0) for lid, m in owned.items()}
+            near = (locality.select(active, seqs.reading(moving)[n:], step)
+                    if settings.locality_weight > 0 else no_locality)
             idx = torch.nonzero(active).flatten()
+            logp = seqs.batch(torch.cat([active, near])).log_probs(model)
+            split = sum(len(gold[i]) for i in idx.tolist())
+            lp, n_tokens, ok = _scores(model, logp[:split], idx.tolist(), gold, truths, settings)
             failing = (~ok).to(device=device, dtype=torch.float32)
             loss = -(lp / n_tokens * failing).sum()  # a sum: each fact's gradient is its own
             active[idx[ok]] = False  # solved: out of the batch, its rows freeze
             if not active.any():
                 continue
-            if settings.locality_weight > 0:
-                kl = locality.loss(model, active, step)
-                if kl is not None:
-                    loss = loss + settings.locality_weight * kl
+            if near.any():
+                loss = loss + settings.locality_weight * locality.kl(logp[split:], near)
             for d in deltas.values():
                 d.grad = None
             loss.backward()
@@ -339,6 +375,22 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                     d.copy_(clip_rows(weights[lid] + d, bounds[lid]) - weights[lid])
     return ({lid: d.detach() for lid, d in deltas.items()}, step,
             (~unsolved[:len(tokens)]).tolist())
+
+
+def _warm_start(model: EngramModel, tokens: list[FactTokens], rows: list[FactRows],
+                touched: dict[int, torch.Tensor], settings: DistillSettings
+                ) -> dict[int, torch.Tensor]:
+    """Deltas on ``touched`` from overwrite's closed form: one linearized solve that puts
+    most facts at or near their margin before the first Adam step."""
+    values = closed_form(model, tokens, [t.truth for t in tokens], rows,
+                         OverwriteSettings(margin=settings.warm_margin,
+                                           norm_bound=settings.norm_bound))
+    out = {}
+    for lid, (r, v) in values.items():
+        t = touched[lid]
+        assert np.array_equal(r, t.cpu().numpy()), "the closed form touches the batch's rows"
+        out[lid] = torch.from_numpy(v).to(t.device) - model.engram(lid).embed.weight.detach()[t]
+    return out
 
 
 def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRows],
@@ -384,9 +436,9 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
             touched = {lid: torch.from_numpy(np.unique(np.concatenate(
                 [fact_rows[i].rows[lid] for i in batch]))).to(device) for lid in layer_ids}
             use = settings.locality_weight > 0
-            loc = _Locality(model, [p for i in batch for p in locality[i]] if use else [],
+            loc = _Locality([p for i in batch for p in locality[i]] if use else [],
                             [j for j, i in enumerate(batch) for _ in locality[i]] if use else [],
-                            windows if use else [], touched)
+                            windows if use else [])
 
             def report(step: int, done: int, k: int = k, n: int = len(batch)) -> None:
                 if progress is not None:
@@ -396,9 +448,11 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
             shared = [i for i in solved if any(
                 np.isin(fact_rows[i].rows[lid], touched[lid].cpu().numpy()).any()
                 for lid in layer_ids)]
+            start = _warm_start(model, [tokens[i] for i in batch], [fact_rows[i] for i in batch],
+                                touched, settings) if settings.warm_start else None
             deltas, n_steps, done = _solve_batch(
                 model, [tokens[i] for i in batch], [fact_rows[i] for i in batch],
-                [tokens[i] for i in shared], touched, loc, bounds, settings, report)
+                [tokens[i] for i in shared], touched, loc, bounds, settings, report, start)
             steps.append(n_steps)
             undone += [i for i, ok in zip(batch, done, strict=True) if not ok]
             solved += [i for i, ok in zip(batch, done, strict=True) if ok]
