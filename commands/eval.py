@@ -12,6 +12,7 @@ from rich.console import Console
 
 from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt, PlacementOpt
 from commands._output import Output
+from engram_edit.errors import BadInputError
 from engram_edit.paths import bundled_heldout_file, bundled_probes_file, resolve_model
 
 
@@ -28,6 +29,10 @@ def eval_command(
     heldout: Annotated[Path | None, typer.Option(
         metavar="FILE", help="JSONL of {text} held-out documents. Default: the bundled "
         "model's validation split.")] = None,
+    min_count: Annotated[int | None, typer.Option(
+        "--min-count", metavar="N", help="Only the probes that occur at least N times in the "
+        "corpus (their \"count\" field), e.g. 10 for the frequent entity n-grams.",
+        show_default=False)] = None,
     windows: Annotated[int, typer.Option(help="Held-out windows of 256 tokens.")] = 32,
     model: ModelOpt = None,
     memory: MemoryOpt = None,
@@ -49,6 +54,7 @@ def eval_command(
 
     Examples:
       engram-edit eval --ablate
+      engram-edit eval --min-count 10
       engram-edit eval --probes my_probes.jsonl --json
       engram-edit eval fixes.jsonl --ablate
     """
@@ -58,18 +64,20 @@ def eval_command(
     from engram_edit.eval import METRICS_VERSION, fact_ablation, read_probes, text_ablation
     from engram_edit.train import tokenize_texts
 
+    if min_count is not None and facts is not None:
+        raise BadInputError("--min-count filters the probes; it does not apply to FACTS")
     if facts is not None:
         _eval_facts(facts, ablate, heldout, model, memory, device, placement, json)
         return
     files, net = load_model(resolve_model(model).path, memory, device,
                             placement and placement.value)
-    prompts, targets = read_probes(probes or bundled_probes_file())
+    prompts, targets = read_probes(probes or bundled_probes_file(), min_count)
     stream = tokenize_texts(heldout or bundled_heldout_file(), files.tokenizer)
     rows = [fact_ablation(net, files.tokenizer, prompts, targets),
             text_ablation(net, np.asarray(stream), windows=windows)]
-    result = {"metrics_version": METRICS_VERSION,
+    result = {"metrics_version": METRICS_VERSION, "min_count": min_count,
               "rows": [{**asdict(r), "kept": r.kept} for r in rows]}
-    Output(json).result(result, lambda console: _render(console, rows))
+    Output(json).result(result, lambda console: _render(console, rows, min_count))
 
 
 def _eval_facts(facts: Path, ablate: bool, heldout: Path | None, model: Path | None,
@@ -95,10 +103,11 @@ def _eval_facts(facts: Path, ablate: bool, heldout: Path | None, model: Path | N
         console, f"{m.facts} facts of {facts}", columns))
 
 
-def _render(console: Console, rows) -> None:
+def _render(console: Console, rows, min_count: int | None) -> None:
     from rich.table import Table
 
-    table = Table(title="memory ablation", title_justify="left")
+    title = "memory ablation" + (f" (probes with count >= {min_count})" if min_count else "")
+    table = Table(title=title, title_justify="left")
     for name in ("set", "items", "top-1 memory on", "top-1 off", "kept", "loss on", "loss off"):
         table.add_column(name, justify="right" if name != "set" else "left")
     for r in rows:

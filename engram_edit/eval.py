@@ -94,8 +94,14 @@ class AblationRow:
         return self.top1_no_memory / self.top1_memory if self.top1_memory else float("nan")
 
 
-def read_probes(path: str | Path) -> tuple[list[str], list[str]]:
-    """Prompts and targets of a probe file (JSONL with "prompt" and "target")."""
+def read_probes(path: str | Path, min_count: int | None = None) -> tuple[list[str], list[str]]:
+    """Prompts and targets of a probe file (JSONL with "prompt" and "target"); with
+    ``min_count``, only the probes whose "count" (corpus occurrences) is at least that.
+
+    Raises:
+        BadInputError: unreadable file, a line that is not such an object, a line without an
+            integer "count" when ``min_count`` is given, or no probes left.
+    """
     path = Path(path)
     prompts, targets, problems = [], [], []
     try:
@@ -107,14 +113,25 @@ def read_probes(path: str | Path) -> tuple[list[str], list[str]]:
             continue
         try:
             rec = json.loads(line)
-            prompts.append(str(rec["prompt"]))
-            targets.append(str(rec["target"]))
+            prompt, target = str(rec["prompt"]), str(rec["target"])
         except (json.JSONDecodeError, KeyError, TypeError):
             problems.append(f"{path}:{n}: not a JSON object with 'prompt' and 'target'")
+            continue
+        if min_count is not None:
+            count = rec.get("count")
+            if not isinstance(count, int) or isinstance(count, bool):
+                problems.append(f"{path}:{n}: count: missing or not an integer (--min-count "
+                                f"needs the corpus count of every probe)")
+                continue
+            if count < min_count:
+                continue
+        prompts.append(prompt)
+        targets.append(target)
     if problems:
         raise BadInputError(problems)
     if not prompts:
-        raise BadInputError(f"{path}: no probes")
+        raise BadInputError(f"{path}: no probes" + (f" with count >= {min_count}"
+                                                    if min_count is not None else ""))
     return prompts, targets
 
 

@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from commands.main import app
 from engram_edit.checkpoint import load_model
 from engram_edit.eval import fact_ablation, read_probes, score_completions, text_ablation
 from engram_edit.paths import bundled_heldout_file, bundled_model_dir, bundled_probes_file
@@ -24,10 +26,9 @@ def test_bundled_model_is_found_and_small():
 
 def test_frequent_entity_completions_live_in_the_memory(bundled):
     files, model = bundled
+    prompts, targets = read_probes(bundled_probes_file(), min_count=10)
     records = [json.loads(line) for line in bundled_probes_file().read_text().splitlines()]
-    frequent = [r for r in records if r["count"] >= 10]
-    prompts = [r["prompt"] for r in frequent]
-    targets = [r["target"] for r in frequent]
+    assert len(prompts) == sum(r["count"] >= 10 for r in records) > 50
     on = score_completions(model, files.tokenizer, prompts, targets, memory=True).greedy.mean()
     off = score_completions(model, files.tokenizer, prompts, targets, memory=False).greedy.mean()
     assert on >= 0.70
@@ -41,3 +42,27 @@ def test_facts_fall_much_more_than_plain_text_without_memory(bundled):
     text = text_ablation(model, stream, windows=8)
     assert text.loss_memory < text.loss_no_memory  # memory on is clearly better
     assert facts.kept < 0.5 < text.kept
+
+
+def test_eval_min_count_reports_the_frequent_probes_only(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--min-count", "10", "--windows", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    records = [json.loads(line) for line in bundled_probes_file().read_text().splitlines()]
+    facts = next(r for r in out["rows"] if r["name"] == "facts")
+    assert out["min_count"] == 10
+    assert facts["items"] == sum(r["count"] >= 10 for r in records)
+
+
+def test_min_count_needs_a_count_on_every_probe(tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "Sri", "target": " Lanka", "count": 40}\n'
+                      '{"prompt": "the Milky", "target": " Way"}\n')
+    assert read_probes(probes) == (["Sri", "the Milky"], [" Lanka", " Way"])
+    counted = tmp_path / "counted.jsonl"
+    counted.write_text(probes.read_text().replace('" Way"}', '" Way", "count": 12}'))
+    assert read_probes(counted, min_count=20) == (["Sri"], [" Lanka"])
+    result = CliRunner().invoke(app, ["eval", "--probes", str(probes), "--min-count", "5"])
+    assert result.exit_code == 2
+    assert f"{probes}:2: count: missing" in result.stderr
+    assert "Traceback" not in result.output
