@@ -40,13 +40,13 @@ def eval_command(
     placement: PlacementOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Top-1 accuracy and loss with the memory on and off, on factual completions and on
-    plain held-out text.
+    """Top-1 accuracy and loss with the memory on and off, on factual completions
+    and on plain held-out text.
 
-    facts: share of prompts whose greedy continuation is the whole target, and the targets'
-    mean per-token loss. text: next-token top-1 accuracy and loss on held-out windows. "kept"
-    is top-1 without memory divided by top-1 with it (the paper: factual QA keeps 29-44%,
-    reading comprehension 81-93%).
+    facts: share of prompts whose greedy continuation is the whole target, and
+    the targets' mean per-token loss. text: next-token top-1 accuracy and loss
+    on held-out windows. "kept" is top-1 without memory divided by top-1 with it
+    (the paper: factual QA keeps 29-44%, reading comprehension 81-93%).
 
     With FACTS: efficacy, efficacy_top1, paraphrase, neighbourhood,
     neighbourhood_unchanged, neighbourhood_kl and heldout_loss, defined as for

@@ -175,7 +175,8 @@ def reset_command(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before removing.")] = False,
     json: JsonOpt = False,
 ) -> None:
-    """Remove your working copy of the bundled model, and the patches applied to it.
+    """Remove your working copy of the bundled model, and the patches applied to
+    it.
 
     Later runs use the bundled model again. Nothing to remove is not an error.
 

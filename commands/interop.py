@@ -33,7 +33,8 @@ def import_command(
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Convert a demo or DeepSeek-V4.1 checkpoint into an engram-edit model directory.
+    """Convert a demo or DeepSeek-V4.1 checkpoint into an engram-edit model
+    directory.
 
     Config keys and tensor names are mapped by the layout's declared tables;
     bytes are copied unchanged. What has no mapping is reported: unmapped

@@ -92,7 +92,8 @@ def lookup_command(
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Show the tokens of TEXT, the slot and row every n-gram hashes to, and what the rows say.
+    """Show the tokens of TEXT, the slot and row every n-gram hashes to, and what
+    the rows say.
 
     Per Engram layer, position and order n: the n-gram, and per head its
     column, slot, global row and row norm. With a backbone also:
@@ -195,7 +196,8 @@ def gates_command(
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Show the Engram gate at every token of TEXT as a heatmap, one row per Engram layer.
+    """Show the Engram gate at every token of TEXT as a heatmap, one row per Engram
+    layer.
 
     A cell's colour goes from white (gate 0) to red (gate 1): the mean over
     hyper-connection branches, or branch --branch. Entities and set phrases
@@ -288,7 +290,8 @@ def rows_command(
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Show raw table rows: dtype, norm, values, their column and slot, and what they say.
+    """Show raw table rows: dtype, norm, values, their column and slot, and what
+    they say.
 
     "memory says" is the logit lens of `lookup` for the row alone in its
     column (every other column zero); it needs a backbone.

@@ -131,7 +131,8 @@ def patch_command(
     wait: WaitOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Edit facts into the memory: compute the rows, write NAME.patch.safetensors, apply it.
+    """Edit facts into the memory: compute the rows, write NAME.patch.safetensors,
+    apply it.
 
     The fact file is checked completely first; a bad one changes and creates
     nothing. Every Engram layer's rows of the chosen n-grams are computed so
@@ -141,9 +142,10 @@ def patch_command(
     rows bit for bit. With no --model the bundled model is copied to your
     working copy first.
 
-    Metrics (before and after): efficacy (target beats ground truth), efficacy_top1
-    (greedy gives the target), paraphrase, neighbourhood (locality answers still
-    beat the new target), neighbourhood_unchanged, neighbourhood_kl, heldout_loss.
+    Metrics (before and after): efficacy (target beats ground truth),
+    efficacy_top1 (greedy gives the target), paraphrase, neighbourhood (locality
+    answers still beat the new target), neighbourhood_unchanged,
+    neighbourhood_kl, heldout_loss.
 
     With a corpus n-gram index (the model's own from `index`, else the bundled
     one), each fact also lists the rows it touched and the other n-grams those
@@ -152,7 +154,7 @@ def patch_command(
     "slot_ngrams" and "slot_occurrences": mean indexed n-grams per touched row
     and their mean corpus occurrences, "sharers": [{"ngram", "count", "rows"}]
     (top 10 by corpus count), "more_sharers", "contexts": locality prompts cut
-    from the corpus}, or null without an index; and "notes": [lines].
+    from the corpus}, or null without an index; and "notes": a list of lines.
 
     On a DeepSeek-V4.1 directory only --method overwrite runs (distill needs
     the whole network): each located row, alone in its column, is moved to say
@@ -346,7 +348,8 @@ def overwrite_command(
     wait: WaitOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Set the rows of one n-gram directly: copy another n-gram's, zero them, or scale them.
+    """Set the rows of one n-gram directly: copy another n-gram's, zero them, or
+    scale them.
 
     Each hash head's row of NGRAM (at its last token) is changed in every
     Engram layer (or --layer, --heads). Rows shared with other n-grams by

@@ -79,7 +79,8 @@ def split_command(
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Split a model into a backbone and a pluggable memory (the Engram table rows).
+    """Split a model into a backbone and a pluggable memory (the Engram table
+    rows).
 
     The backbone keeps config.json, tokenizer.json and every weight but the
     table rows; the memory gets memory.safetensors, tokenizer.json, memory.json

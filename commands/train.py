@@ -54,8 +54,9 @@ def train_command(
 ) -> None:
     """Train a small Engram model on a corpus.
 
-    With --tokens and a seed the result is the same on the same machine; with --minutes the
-    schedule follows wall time. Validation loss is logged with the memory on and off.
+    With --tokens and a seed the result is the same on the same machine; with
+    --minutes the schedule follows wall time. Validation loss is logged with the
+    memory on and off.
 
     Examples:
       engram-edit train --corpus build/corpus --out build/model --tokens 2000000
