@@ -39,15 +39,19 @@ def _render(console: Console, r: ModelInfo, out: Output) -> None:
     c = r.config
     console.print(f"[bold]{r.path}[/bold]  ({r.kind})")
     console.print(f"fingerprint {r.fingerprint}")
-    total = r.backbone_parameters + r.table_parameters
     if r.kind != "memory":
-        console.print(f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-                      f"{c['num_attention_heads']} attention heads, hc_mult {c['hc_mult']}, "
-                      f"vocab {r.vocab_size}")
-        console.print(f"parameters: {human_count(total)} = backbone "
-                      f"{human_count(r.backbone_parameters)} + Engram tables "
-                      f"{human_count(r.table_parameters)} "
-                      f"({100 * r.table_parameters / max(total, 1):.0f}% in tables)")
+        heads = (f"{c['num_attention_heads']} attention heads, "
+                 if "num_attention_heads" in c else "")
+        console.print(f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {heads}"
+                      f"hc_mult {c['hc_mult']}, vocab {r.vocab_size}")
+        if r.backbone_parameters is None:
+            console.print(f"parameters: Engram tables {human_count(r.table_parameters)}")
+        else:
+            total = r.backbone_parameters + r.table_parameters
+            console.print(f"parameters: {human_count(total)} = backbone "
+                          f"{human_count(r.backbone_parameters)} + Engram tables "
+                          f"{human_count(r.table_parameters)} "
+                          f"({100 * r.table_parameters / max(total, 1):.0f}% in tables)")
     console.print(f"Engram: layers {c['engram_layer_ids']}, orders 2..{c['engram_max_ngram_size']}"
                   f", {c['engram_n_heads']} heads per order, row width {c['engram_head_dim']}, "
                   f"compressed vocab {r.compressed_vocab_size} of {r.vocab_size}")
@@ -57,6 +61,8 @@ def _render(console: Console, r: ModelInfo, out: Output) -> None:
                                        "rows per column (primes)"], rows))
     files = [[name, human_bytes(size)] for name, size in r.files.items()]
     console.print(out.table("files", ["file", "size"], files))
+    for note in r.notes:
+        console.print(note)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -422,13 +422,15 @@ class ModelInfo:
     path: str
     kind: str  # "model", "model+memory" or "memory"
     fingerprint: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # v4: only the figures its config.json sets (v4.described_config)
     vocab_size: int
     compressed_vocab_size: int
-    backbone_parameters: int
+    backbone_parameters: int | None  # None: not counted (``notes`` says why)
     table_parameters: int
     tables: list[TableInfo]
     files: dict[str, int]  # file name -> size in bytes
+    layout: str = "engram-edit"
+    notes: list[str] = field(default_factory=list)
 
 
 def _files_of(*dirs: Path) -> dict[str, int]:
@@ -455,16 +457,32 @@ def _tables_info(config: EngramConfig, hasher: NgramHasher,
 
 
 def describe_model(files: ModelFiles) -> ModelInfo:
-    """Geometry, parameter counts, dtypes and file sizes of a model directory."""
+    """Geometry, parameter counts, dtypes and file sizes of a model directory.
+
+    A DeepSeek-V4.1 directory is described from its config.json and the headers ``open_model``
+    read: the backbone's parameters are not counted (that needs every shard's header) and the
+    config holds only what the file sets, never our defaults.
+    """
+    from engram_edit.layouts import v4
+
     ids = files.config.engram_layer_ids
-    backbone = sum(loc.numel for name, loc in files.tensors.items()
-                   if not is_memory_tensor(name, ids))
     tables = sum(files.tensors[table_name(i)].numel for i in ids)
     dirs = [files.path] + ([files.memory.path] if files.memory else [])
+    backbone: int | None
+    if files.layout == v4.NAME:
+        config, backbone = v4.described_config(files.path), None
+        notes = ["backbone parameters not counted: only the shards holding the Engram "
+                 "tensors, token embedding, final norm and LM head of a DeepSeek-V4.1 "
+                 "directory are read"]
+    else:
+        config, notes = files.config.to_dict(), []
+        backbone = sum(loc.numel for name, loc in files.tensors.items()
+                       if not is_memory_tensor(name, ids))
     return ModelInfo(str(files.path), "model+memory" if files.memory else "model",
-                     files.fingerprint(), files.config.to_dict(), files.config.vocab_size,
+                     files.fingerprint(), config, files.config.vocab_size,
                      files.tokenizer.compressed_vocab_size, backbone, tables,
-                     _tables_info(files.config, files.hasher, files.tensors), _files_of(*dirs))
+                     _tables_info(files.config, files.hasher, files.tensors), _files_of(*dirs),
+                     files.layout, notes)
 
 
 def describe_memory(mem: MemoryFiles) -> ModelInfo:

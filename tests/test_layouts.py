@@ -212,6 +212,41 @@ def test_a_v4_directory_is_read_in_place_without_opening_the_experts(v4_dir, mon
                       "model-00004-of-00005.safetensors", "model-00005-of-00005.safetensors"}
 
 
+def test_info_on_v4_shows_only_figures_from_its_config_and_headers(v4_dir, tmp_path,
+                                                                  monkeypatch):
+    model = shutil.copytree(v4_dir, tmp_path / "v4")
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["num_attention_heads"] = 6  # not our default (4)
+    (model / "config.json").write_text(json.dumps(config))
+    opened = Opened(monkeypatch)
+    result = cli(["info", "--model", str(model), "--json"])
+    assert result.exit_code == 0, result.output
+    assert EXPERT_SHARD not in opened.paths
+    info = json.loads(result.stdout)
+    assert info["layout"] == "v4" and info["backbone_parameters"] is None
+    assert "not counted" in info["notes"][0]
+    text = config["text_config"]
+    assert info["config"]["num_attention_heads"] == 6
+    assert {k: info["config"][k] for k in ("num_hidden_layers", "hidden_size", "hc_mult",
+                                           "engram_n_heads", "engram_head_dim")} == {
+        k: text[k] for k in ("num_hidden_layers", "hidden_size", "hc_mult", "engram_n_heads",
+                             "engram_head_dim")}
+    for default in ("intermediate_size", "moe_num_experts", "hc_sinkhorn_iters", "model_type",
+                    "max_position_embeddings", "engram_kernel_size"):
+        assert default not in info["config"]
+    rows = [384, 552]  # the fixture's rows per layer, from its headers
+    assert info["table_parameters"] == 32 * sum(rows)
+    assert [t["rows"] for t in info["tables"]] == rows
+
+    lines = cli(["info", "--model", str(model)]).stdout
+    assert "4 layers, hidden 64, 6 attention heads, hc_mult 4, vocab 500" in lines
+    assert "parameters: Engram tables 29.95k\n" in lines
+    del config["text_config"]["num_attention_heads"]
+    (model / "config.json").write_text(json.dumps(config))
+    lines = cli(["info", "--model", str(model)]).stdout
+    assert "attention heads" not in lines and "4 layers, hidden 64, hc_mult 4" in lines
+
+
 def test_v4_fp8_rows_read_exactly(v4_dir):
     raw = load_file(str(v4_dir / "model-00005-of-00005.safetensors"))
     codes = raw["layers.3.engram.embed.weight"].view(torch.uint8).numpy().astype(np.int64)

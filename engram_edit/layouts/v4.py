@@ -75,6 +75,7 @@ TEXT_KEYS = (
     "tie_word_embeddings",
 )
 TOP_KEYS = ("bos_token_id", "eos_token_id")
+INFO_KEYS = ("num_attention_heads",)  # text_config figures info shows that have no field of ours
 REQUIRED = ("engram_layer_ids", "engram_max_ngram_size", "engram_vocab_size", "engram_n_heads",
             "engram_head_dim", "engram_pad_token_id", "vocab_size", "hidden_size", "hc_mult",
             "num_hidden_layers")
@@ -311,6 +312,18 @@ def tensor_problems(config: EngramConfig, tensors: dict[str, TensorLocation],
 def open_config(path: Path) -> tuple[EngramConfig, ConfigMapping]:
     mapping = config_to_ours(read_config(path), str(path / CONFIG_FILE))
     return EngramConfig.from_dict(mapping.ours, source=str(path / CONFIG_FILE)), mapping
+
+
+def described_config(path: Path) -> dict[str, Any]:
+    """The figures of a V4.1 config.json, under engram-edit's names: every EngramConfig field
+    the file sets (fields it leaves at our defaults are left out) and the ``INFO_KEYS`` of
+    text_config."""
+    config, mapping = open_config(path)
+    real = {k: v for k, v in config.to_dict().items()
+            if k not in mapping.filled and k != "model_type"}
+    real.update({k: mapping.unmapped[f"{TEXT}.{k}"] for k in INFO_KEYS
+                 if f"{TEXT}.{k}" in mapping.unmapped})
+    return real
 
 
 def open_model(path: str | Path, memory: str | Path | None = None):
