@@ -84,8 +84,15 @@ def split_command(
 
     The backbone keeps config.json, tokenizer.json and every weight but the
     table rows; the memory gets memory.safetensors, tokenizer.json, memory.json
-    and the .engram/ history. Bytes are copied in 64 MB chunks; the outputs
+    and the .engram/ history. Bytes are copied in 4 MB chunks; the outputs
     appear only when complete, and the model is only read.
+
+    A DeepSeek-V4.1 directory's backbone is that directory without its Engram
+    tables: files and shards without a table are copied unchanged, shards with
+    one are rewritten without it, engram-backbone.json keeps their original
+    headers. No V4.1 server can load it alone; it works here with --memory,
+    and `join BACKBONE MEMORY --out DIR` gives back the servable original,
+    byte for byte.
 
     Examples:
       engram-edit split my-model --out my-backbone my-memory
@@ -106,6 +113,8 @@ def _render_split(console: Console, r: SplitReport) -> None:
                   f"{human_bytes(r.memory_bytes)}"
                   + (", with the .engram/ history" if r.history_copied else ""))
     console.print(f"fingerprint {r.fingerprint}  ({r.seconds:.1f} s)")
+    for note in r.notes:
+        console.print(note)
 
 
 def join_command(
@@ -126,7 +135,9 @@ def join_command(
 
     The memory must have the backbone's fingerprint and geometry (layer ids,
     rows, width); its row dtype may differ (a convert-memory output plugs in).
-    Every tensor comes out bit for bit as it was before split.
+    Every tensor comes out bit for bit as it was before split. The backbone of
+    a DeepSeek-V4.1 directory gives back that directory, every file byte for
+    byte (a memory in another dtype is re-encoded to FP8 rows).
 
     Examples:
       engram-edit join my-backbone my-memory --out my-model

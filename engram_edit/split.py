@@ -12,7 +12,7 @@ import shutil
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -457,10 +457,12 @@ class SplitReport:
     row_dtype: str
     backbone_tensors: int
     memory_tensors: int
-    backbone_bytes: int  # size of the backbone's weights file
+    backbone_bytes: int  # size of the backbone's weight files
     memory_bytes: int  # size of memory.safetensors
     history_copied: bool  # the model's .engram/ went along into the memory
     seconds: float
+    layout: str = "engram-edit"  # "v4": the backbone is a V4.1 directory without its tables
+    notes: list[str] = field(default_factory=list)
 
 
 def split_model(model: str | Path, backbone_out: str | Path, memory_out: str | Path,
@@ -476,6 +478,10 @@ def split_model(model: str | Path, backbone_out: str | Path, memory_out: str | P
     through their index; each output is one file. Everything is checked before the first byte
     is written, both outputs are built in temp directories and renamed at the end, and the
     input is only read.
+
+    A DeepSeek-V4.1 directory keeps its own layout (layouts/v4_split.py): the backbone is the
+    directory without its Engram tables, no V4.1 server can load it, and ``join_model`` with
+    the memory gives back the original directory byte for byte.
 
     Args:
         model (`str` or `Path`): the model directory.
@@ -499,6 +505,8 @@ def split_model(model: str | Path, backbone_out: str | Path, memory_out: str | P
         >>> r.memory_bytes  # doctest: +SKIP
         4194560
     """
+    from engram_edit.layouts import v4, v4_split  # v4_split imports this module's writer
+
     t0 = time.monotonic()
     model, backbone_out, memory_out = Path(model), Path(backbone_out), Path(memory_out)
     files = open_model(model, memory)
@@ -511,10 +519,11 @@ def split_model(model: str | Path, backbone_out: str | Path, memory_out: str | P
         row_dtype = _row_dtype(table, ids, model)
     rows = [loc for name, loc in sorted(files.tensors.items()) if is_memory_tensor(name, ids)]
     rest = [loc for name, loc in sorted(files.tensors.items()) if not is_memory_tensor(name, ids)]
+    plan = v4_split.backbone_plan(files) if files.layout == v4.NAME else None
     fp = files.fingerprint()
-    backbone_meta = _metadata_of(rest)
     memory_meta = {**DEFAULT_METADATA, FINGERPRINT_KEY: fp}
-    total = sum(loc.nbytes for loc in files.tensors.values())
+    rest_bytes = plan.nbytes if plan else sum(loc.nbytes for loc in rest)
+    total = rest_bytes + sum(loc.nbytes for loc in rows)
 
     def shifted(base: int) -> ProgressFn | None:
         """``progress`` with both files' bytes on one scale."""
@@ -523,19 +532,25 @@ def split_model(model: str | Path, backbone_out: str | Path, memory_out: str | P
         return lambda p: progress(CopyProgress(base + p.done, total, p.tensor))
 
     with atomic_dir(backbone_out, replace=force) as tb, atomic_dir(memory_out, replace=force) as tm:
-        shutil.copyfile(model / CONFIG_FILE, tb / CONFIG_FILE)
-        shutil.copyfile(model / TOKENIZER_FILE, tb / TOKENIZER_FILE)
-        backbone_bytes = write_safetensors(tb / WEIGHTS_FILE, _entries(rest), backbone_meta,
-                                           shifted(0))
+        if plan is not None:
+            backbone_bytes = v4_split.write_plan(plan, tb, shifted(0))
+        else:
+            shutil.copyfile(model / CONFIG_FILE, tb / CONFIG_FILE)
+            shutil.copyfile(model / TOKENIZER_FILE, tb / TOKENIZER_FILE)
+            backbone_bytes = write_safetensors(tb / WEIGHTS_FILE, _entries(rest),
+                                               _metadata_of(rest), shifted(0))
         memory_bytes = write_safetensors(tm / MEMORY_FILE, _entries(rows), memory_meta,
-                                         shifted(sum(loc.nbytes for loc in rest)))
+                                         shifted(rest_bytes))
         shutil.copyfile(model / TOKENIZER_FILE, tm / TOKENIZER_FILE)
         (tm / MEMORY_JSON).write_text(memory_json(config, files.tokenizer, fp, row_dtype),
                                       encoding="utf-8")
         history = _copy_history(files.memory_dir, tm)
-    return SplitReport(str(model), str(backbone_out), str(memory_out), fp, row_dtype, len(rest),
-                       len(rows), backbone_bytes, memory_bytes, history,
-                       time.monotonic() - t0)
+    notes = [f"{backbone_out} is {model} without its Engram tables: no DeepSeek-V4.1 server "
+             f"loads it alone; engram-edit join {backbone_out} {memory_out} --out DIR gives back "
+             f"the original directory byte for byte"] if plan else []
+    return SplitReport(str(model), str(backbone_out), str(memory_out), fp, row_dtype,
+                       plan.tensors if plan else len(rest), len(rows), backbone_bytes,
+                       memory_bytes, history, time.monotonic() - t0, files.layout, notes)
 
 
 def _raise_if(problems: list[str]) -> None:
@@ -553,9 +568,10 @@ class JoinReport:
     fingerprint: str
     row_dtype: str
     tensors: int
-    bytes: int  # size of the joined model.safetensors
+    bytes: int  # size of the joined weight files
     history_copied: bool  # the memory's .engram/ went along into the model
     seconds: float
+    layout: str = "engram-edit"  # "v4": a V4.1 directory, the one split had, byte for byte
 
 
 def join_model(backbone: str | Path, memory: str | Path, out: str | Path, force: bool = False,
@@ -566,7 +582,10 @@ def join_model(backbone: str | Path, memory: str | Path, out: str | Path, force:
     seed and primes, i.e. the same fingerprint; the row dtype may differ. ``out`` gets the
     backbone's config.json and tokenizer.json, one ``model.safetensors`` with the backbone's
     tensors and the memory's rows (bit for bit; split then join gives back every tensor of the
-    model), and a copy of the memory's ``.engram/`` folder. Atomic as ``split_model``.
+    model), and a copy of the memory's ``.engram/`` folder. Atomic as ``split_model``. The
+    backbone of a DeepSeek-V4.1 directory gives that directory back, byte for byte when the
+    memory's rows are unchanged (a memory in another dtype is re-encoded to FP8 per
+    ENGRAM_SPEC.md section 7; layouts/v4_split.py).
 
     Args:
         backbone (`str` or `Path`): the backbone directory (from ``split_model``).
@@ -587,6 +606,8 @@ def join_model(backbone: str | Path, memory: str | Path, out: str | Path, force:
         >>> join_model("out/backbone", "out/memory", "out/model").tensors  # doctest: +SKIP
         23
     """
+    from engram_edit.layouts import v4, v4_split  # v4_split imports this module's writer
+
     t0 = time.monotonic()
     backbone, memory, out = Path(backbone), Path(memory), Path(out)
     files = open_model(backbone, memory)
@@ -596,15 +617,22 @@ def join_model(backbone: str | Path, memory: str | Path, out: str | Path, force:
     ids = files.config.engram_layer_ids
     with files.table() as table:
         row_dtype = _row_dtype(table, ids, memory)
-    locations = [loc for _, loc in sorted(files.tensors.items())]
-    metadata = _metadata_of(loc for loc in locations if not is_memory_tensor(loc.name, ids))
-    with atomic_dir(out, replace=force) as tmp:
-        shutil.copyfile(backbone / CONFIG_FILE, tmp / CONFIG_FILE)
-        shutil.copyfile(backbone / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        size = write_safetensors(tmp / WEIGHTS_FILE, _entries(locations), metadata, progress)
-        history = _copy_history(memory, tmp)
+        with atomic_dir(out, replace=force) as tmp:
+            if files.layout == v4.NAME:
+                plan = v4_split.join_plan(files, table)
+                count, size = plan.tensors, v4_split.write_plan(plan, tmp, progress)
+            else:
+                locations = [loc for _, loc in sorted(files.tensors.items())]
+                metadata = _metadata_of(loc for loc in locations
+                                        if not is_memory_tensor(loc.name, ids))
+                shutil.copyfile(backbone / CONFIG_FILE, tmp / CONFIG_FILE)
+                shutil.copyfile(backbone / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+                count = len(locations)
+                size = write_safetensors(tmp / WEIGHTS_FILE, _entries(locations), metadata,
+                                         progress)
+            history = _copy_history(memory, tmp)
     return JoinReport(str(backbone), str(memory), str(out), files.memory.fingerprint, row_dtype,
-                      len(locations), size, history, time.monotonic() - t0)
+                      count, size, history, time.monotonic() - t0, files.layout)
 
 
 # --- convert-memory -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from test_journal import digests
 from typer.testing import CliRunner
 
 from commands.main import app
@@ -24,7 +25,7 @@ from engram_edit.hashing import NgramHasher, layer_multipliers, model_primes
 from engram_edit.interop import export_model, import_model
 from engram_edit.layouts import v4
 from engram_edit.layouts.lens import lens_probs
-from engram_edit.split import convert_memory, split_model
+from engram_edit.split import convert_memory, join_model, split_model
 from make_layouts import make_demo_dir, make_v4_dir
 
 EXPERT_SHARD = "model-00002-of-00005.safetensors"  # make_v4_dir puts every MoE expert here
@@ -402,11 +403,8 @@ def test_a_v4_table_in_another_dtype_is_a_one_line_dtype_error(v4_dir, tmp_path)
     assert "dtype not supported: layers.3.engram.embed.weight is BF16" in line
 
 
-def test_split_of_a_v4_directory_gives_a_memory_that_lookup_reads(v4_dir, tmp_path,
-                                                                  monkeypatch):
-    opened = Opened(monkeypatch)
+def test_split_of_a_v4_directory_gives_a_memory_that_lookup_reads(v4_dir, tmp_path):
     split_model(v4_dir, tmp_path / "bb", tmp_path / "mem")
-    assert EXPERT_SHARD not in opened.paths
     memory = open_memory(tmp_path / "mem")
     with memory.table() as a, open_model(v4_dir).table() as b:
         np.testing.assert_array_equal(a.read_raw(1, np.arange(50)).data,
@@ -416,6 +414,53 @@ def test_split_of_a_v4_directory_gives_a_memory_that_lookup_reads(v4_dir, tmp_pa
     assert json.loads(result.stdout)["backbone"] is False
     files = open_model(tmp_path / "bb", tmp_path / "mem")
     assert files.layout == "v4"
+
+
+def test_split_then_join_of_a_v4_directory_gives_back_every_file_byte_for_byte(
+        v4_dir, tmp_path, monkeypatch):
+    model = shutil.copytree(v4_dir, tmp_path / "v4")
+    with open(model / EXPERT_SHARD, "r+b") as f:  # split must stream it, never parse it
+        f.seek(8)
+        f.write(b"not json")
+    opened = Opened(monkeypatch)
+    result = cli(["split", str(model), "--out", str(tmp_path / "bb"), str(tmp_path / "mem"),
+                  "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["layout"] == "v4" and "join" in report["notes"][0]
+    assert EXPERT_SHARD in opened.paths  # copied
+    bb = tmp_path / "bb"
+    index = json.loads((bb / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not [n for n in index if ".engram.embed." in n]
+    assert "layers.1.engram.wkv.weight" in index and (bb / "engram-backbone.json").is_file()
+    assert report["backbone_tensors"] == len(index)
+    assert digests(bb)[EXPERT_SHARD] == digests(model)[EXPERT_SHARD]
+    with pytest.raises(BadInputError, match="a backbone needs --memory"):
+        open_model(bb)
+
+    result = cli(["join", str(bb), str(tmp_path / "mem"), "--out", str(tmp_path / "back"),
+                  "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layout"] == "v4"
+    assert digests(tmp_path / "back") == digests(model)
+
+
+def test_join_of_a_v4_backbone_with_a_bf16_memory_gives_the_same_fp8_values(v4_dir, tmp_path):
+    split_model(v4_dir, tmp_path / "bb", tmp_path / "mem")
+    convert_memory(tmp_path / "mem", "bf16", tmp_path / "mem16")
+    join_model(tmp_path / "bb", tmp_path / "mem16", tmp_path / "back")
+    assert set(digests(tmp_path / "back")) == set(digests(v4_dir))
+    with open_model(v4_dir).table() as before, open_model(tmp_path / "back").table() as after:
+        for layer in (1, 3):
+            assert after.dtype(layer) == "float8_e4m3"
+            ids = np.arange(before.num_rows(layer))
+            np.testing.assert_array_equal(after.read_rows(layer, ids), before.read_rows(layer, ids))
+
+
+def test_split_help_says_what_a_v4_backbone_is_and_how_to_serve_it_again():
+    text = " ".join(cli(["split", "--help"]).stdout.split())
+    assert "No V4.1 server can load it alone" in text
+    assert "join BACKBONE MEMORY --out DIR" in text and "byte for byte" in text
 
 
 def test_import_and_export_cli_print_json_only(v4_dir, tmp_path):
