@@ -170,35 +170,37 @@ def patch_command(
       engram-edit patch fixes.jsonl --method overwrite --rows both --json
     """
     from engram_edit.checkpoint import build_model, open_model
-    from engram_edit.edit.compute import EditSettings, Method, applied_facts, edit_facts
     from engram_edit.edit.facts import read_facts
     from engram_edit.edit.store import patch_name
     from engram_edit.layouts import v4
-    from engram_edit.train import tokenize_texts
 
     output = Output(json)
     fact_list = read_facts(facts)
-    chosen = Method(method.value)
     name = name or patch_name(facts.name.removesuffix(".jsonl"))
     _check_out(name, out)
     missing = [f"--corpus {p}: no such file" for p in corpus or [] if not p.is_file()]
     if missing:
         raise BadInputError(missing)
-    settings = EditSettings(method=chosen, rows=rows, measure=measure,
-                            skip_crowded=skip_crowded, sharer_contexts=sharer_contexts)
-    settings.distill.seed = seed
-    if steps is not None:
-        settings.distill.steps = steps
     files = open_model(paths.resolve_model(model).path, memory)
     if files.layout == v4.NAME:
-        if chosen is not Method.OVERWRITE:
-            raise BadInputError(f"{files.path}: --method {chosen.value} needs the whole "
+        if method is not MethodChoice.overwrite:
+            raise BadInputError(f"{files.path}: --method {method.value} needs the whole "
                                 f"network, which engram-edit cannot run for a {files.layout} "
                                 f"directory; use --method overwrite (closed form through the "
                                 f"logit lens)")
         _lens_patch(output, files, fact_list, rows, measure, name, out, dry_run, model, memory,
                     wait)
         return
+    # torch from here on: the lens path above runs without it
+    from engram_edit.edit.compute import EditSettings, Method, applied_facts, edit_facts
+    from engram_edit.train import tokenize_texts
+
+    chosen = Method(method.value)
+    settings = EditSettings(method=chosen, rows=rows, measure=measure,
+                            skip_crowded=skip_crowded, sharer_contexts=sharer_contexts)
+    settings.distill.seed = seed
+    if steps is not None:
+        settings.distill.steps = steps
     net = build_model(files, device, placement="gpu")
     stream = tokenize_texts(heldout or paths.bundled_heldout_file(), files.tokenizer)
     index = _index(files, output)
@@ -363,8 +365,8 @@ def overwrite_command(
       engram-edit overwrite "of Wales" --scale 0.5 --heads 0 --heads 1 --json
     """
     from engram_edit.checkpoint import open_model
-    from engram_edit.edit.compute import tool_version
-    from engram_edit.edit.overwrite import NgramOp, ngram_rows, ngram_values, rows_patch
+    from engram_edit.edit.patch import tool_version
+    from engram_edit.edit.rows import NgramOp, ngram_rows, ngram_values, rows_patch
     from engram_edit.edit.store import patch_name
 
     output = Output(json)

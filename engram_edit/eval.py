@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engram_edit.edit.facts import scored_target
 from engram_edit.errors import BadInputError
 from engram_edit.model import EngramModel
 from engram_edit.tokenizer import EngramTokenizer
@@ -24,14 +25,6 @@ if TYPE_CHECKING:
     from engram_edit.edit.facts import Fact
 
 METRICS_VERSION = 1
-
-
-def scored_target(prompt: str, target: str) -> str:
-    """The text scored after ``prompt``: a space is put before the target when neither side
-    has whitespace at the seam (so "Princess of" + "Wales" scores " Wales")."""
-    if prompt and not prompt[-1].isspace() and target and not target[0].isspace():
-        return " " + target
-    return target
 
 
 @dataclass

@@ -30,8 +30,9 @@ from engram_edit.edit.locate import (
     locate_rows,
     tokenize_fact,
 )
-from engram_edit.edit.overwrite import NgramOp, OverwriteSettings, ngram_rows, ngram_values
+from engram_edit.edit.overwrite import OverwriteSettings
 from engram_edit.edit.patch import read_patch
+from engram_edit.edit.rows import NgramOp, ngram_rows, ngram_values
 from engram_edit.eval import fact_metrics, greedy_hits, neighbour_reference
 
 FACTS = [

@@ -4,6 +4,9 @@ spec says, undo byte for byte, distill refused, and the MoE experts never opened
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from engram_edit.edit.lens_overwrite import lens_edit
 from engram_edit.edit.patch import read_patch
 from engram_edit.layouts.lens import lens_probs
 from make_layouts import make_v4_dir
+
+ROOT = Path(__file__).parent.parent
 
 FACTS = [  # first tokens of target and ground truth differ in the tiny tokenizer
     {"prompt": "The cat sat on", "subject": "cat", "target_new": " the", "ground_truth": " a"},
@@ -161,3 +166,26 @@ def test_edits_on_v4_never_open_the_expert_shard(v4, tmp_path, monkeypatch):
     assert EXPERT_SHARD not in shards
     assert shards == {"model-00001-of-00005.safetensors", "model-00003-of-00005.safetensors",
                       "model-00004-of-00005.safetensors", "model-00005-of-00005.safetensors"}
+
+
+NO_TORCH = """
+import sys
+from commands.main import main
+sys.argv = ["engram-edit", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    assert e.code == 0, e.code
+print("torch imported" if "torch" in sys.modules else "no torch")
+"""
+
+
+def test_overwrite_and_patch_overwrite_on_v4_never_import_torch(v4, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACTS[0]) + "\n")
+    for args in (["overwrite", "the cat", "--zero", "--model", v4],
+                 ["patch", facts, "--method", "overwrite", "--model", v4]):
+        out = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)],
+                             capture_output=True, text=True, cwd=ROOT, check=True)
+        assert out.stdout.splitlines()[-1] == "no torch", (args, out.stdout, out.stderr)
+    assert len(list((v4 / ".engram" / "patches").glob("*.patch.safetensors"))) == 2

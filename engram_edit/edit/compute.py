@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ from engram_edit.checkpoint import ModelFiles
 from engram_edit.edit.distill import DistillProgress, DistillSettings, distill
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import FactRows, FactTokens, RowChoice, locate_rows, tokenize_fact
-from engram_edit.edit.overwrite import OverwriteSettings, closed_form, rows_patch
-from engram_edit.edit.patch import Patch
+from engram_edit.edit.overwrite import OverwriteSettings, closed_form
+from engram_edit.edit.patch import Patch, tool_version
+from engram_edit.edit.rows import rows_patch
 from engram_edit.edit.sharing import FactSharing, corpus_of, facts_sharing, sharer_prompts
 from engram_edit.eval import (
     METRICS_VERSION,
@@ -94,13 +94,6 @@ class EditReport:
     @property
     def edits_per_s(self) -> float:
         return self.facts / self.seconds if self.seconds > 0 else float("inf")
-
-
-def tool_version() -> str:
-    try:
-        return importlib_metadata.version("engram-edit")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def load_patch_rows(model: EngramModel, patch: Patch, side: str = "after") -> None:

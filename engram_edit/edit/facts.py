@@ -14,6 +14,14 @@ from typing import Any
 from engram_edit.errors import BadInputError
 
 
+def scored_target(prompt: str, target: str) -> str:
+    """The text scored after ``prompt``: a space is put before the target when neither side
+    has whitespace at the seam (so "Princess of" + "Wales" scores " Wales")."""
+    if prompt and not prompt[-1].isspace() and target and not target[0].isspace():
+        return " " + target
+    return target
+
+
 @dataclass
 class Fact:
     """One requested edit: after it, ``prompt`` should continue with ``target_new``.
@@ -34,16 +42,12 @@ class Fact:
 
     @property
     def target(self) -> str:
-        """The text scored after ``prompt`` (a space added at a bare seam, eval.scored_target)."""
-        from engram_edit.eval import scored_target  # eval imports torch; reading facts does not
-
+        """The text scored after ``prompt`` (a space added at a bare seam, ``scored_target``)."""
         return scored_target(self.prompt, self.target_new)
 
     @property
     def truth(self) -> str | None:
         """``ground_truth`` as scored after ``prompt``, or None."""
-        from engram_edit.eval import scored_target
-
         return None if self.ground_truth is None else scored_target(self.prompt,
                                                                    self.ground_truth)
 

@@ -29,11 +29,10 @@ from datetime import datetime, timezone
 import numpy as np
 
 from engram_edit.checkpoint import ModelFiles
-from engram_edit.edit.compute import tool_version
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import NgramCount, RowChoice, locate_rows, tokenize_fact
-from engram_edit.edit.overwrite import rows_patch
-from engram_edit.edit.patch import Patch
+from engram_edit.edit.patch import Patch, tool_version
+from engram_edit.edit.rows import rows_patch
 from engram_edit.layouts import lens
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ from engram_edit.memory import RawRows
 PATCH_FORMAT = "engram-patch"
 PATCH_FORMAT_VERSION = "1"
 PATCH_SUFFIX = ".patch.safetensors"
+
+
+def tool_version() -> str:
+    """The installed engram-edit's version, as patch metadata records it ("unknown" when the
+    package is not installed)."""
+    try:
+        return importlib_metadata.version("engram-edit")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
