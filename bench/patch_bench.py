@@ -1,6 +1,9 @@
 """Benchmark: editing facts into the bundled model (issue 6 "Bars"), on the CPU.
 
-Works on a copy of the model in a temp directory; the model itself is never written.
+Works on a copy of the model in a temp directory; the model itself is never written. Edits
+run as `patch` runs them: with the bundled n-gram index (--rows auto leaves out crowded heads;
+the locality term gets corpus text ending with the n-grams that share the touched rows, when
+the corpus is built, else a note in the results).
   batch       --batch facts (default 200, spread over every relation of --facts) in one
               batch with the default method: seconds, edits/s and the metric set before and
               after; then the same facts with --method overwrite, for comparison.
@@ -46,6 +49,7 @@ from engram_edit.edit.compute import EditSettings, Method, edit_facts, load_patc
 from engram_edit.edit.facts import Fact, read_facts
 from engram_edit.edit.journal import apply_patch, undo_patch
 from engram_edit.eval import fact_metrics, greedy_hits, read_probes
+from engram_edit.index import default_index_for
 from engram_edit.train import tokenize_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,9 +96,10 @@ def log(line: str) -> None:
 def batch_run(files, model, facts, stream, method: Method, seed: int) -> dict:
     settings = EditSettings(method=method)
     settings.distill.seed = seed
-    report = edit_facts(files, model, facts, settings, stream)
+    report = edit_facts(files, model, facts, settings, stream, default_index_for(files))
     before, after = report.before, report.after
     out = {"method": method.value, "facts": report.facts, "rows_touched": report.rows_touched,
+           "notes": report.notes,
            "seconds": report.seconds, "edits_per_s": report.edits_per_s,
            "unsolved": len(report.unsolved), "before": asdict(before), "after": asdict(after),
            "heldout_loss_rise": after.heldout_loss / before.heldout_loss - 1}
@@ -131,12 +136,13 @@ def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, ar
         f"{len(known['true_facts'])}; entity probes known {len(known['probes'])} of "
         f"{len(probes)}")
     original = digests(work)
+    index = default_index_for(files)
     settings = EditSettings(measure=False)
     settings.distill.seed = args.seed
     patches = []
     for k, chunk in enumerate(chunks):
         earlier = [f for c in chunks[:k] for f in c]
-        report = edit_facts(files, model, chunk, settings, stream, keep=earlier)
+        report = edit_facts(files, model, chunk, settings, stream, index, keep=earlier)
         applied = apply_patch(files, report.patch, f"bench-{k:02d}")
         load_patch_rows(model, report.patch, "after")
         patches.append({"facts": len(chunk), "rows_touched": report.rows_touched,

@@ -207,8 +207,7 @@ def _heldout_windows(stream: np.ndarray | None, settings: DistillSettings) -> li
 
 def _owned(fact_rows: list[FactRows], touched: dict[int, torch.Tensor], n: int
            ) -> dict[int, torch.Tensor]:
-    """layer -> bool ``[n facts, touched rows]``: the rows each fact's edit may move (facts
-    past ``len(fact_rows)`` are kept facts of earlier batches and own none)."""
+    """layer -> bool ``[n facts, touched rows]``: the rows each fact's edit may move."""
     out = {}
     for lid, t in touched.items():
         m = torch.zeros(n, len(t), dtype=torch.bool, device=t.device)
@@ -299,7 +298,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                  report: Callable[[int, int], None],
                  start: dict[int, torch.Tensor] | None = None
                  ) -> tuple[dict[int, torch.Tensor], int, list[bool]]:
-    """Deltas on ``touched`` rows that solve ``tokens`` (and keep ``keep`` solved).
+    """Deltas on ``touched`` rows that solve ``tokens`` (and keep ``keep`` solved); ``rows``:
+    the FactRows of both, a kept fact being repaired through its own rows.
 
     One forward pass a step holds the facts being solved and the locality sequences chosen for
     the step (``_Sequences`` indices: the facts, then ``locality``'s)."""
@@ -345,11 +345,10 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                 report(step, int((~unsolved[:len(tokens)]).sum()))
                 if not active.any():
                     break
-                if step >= limit:  # out of steps: one short round for broken kept facts
+                if step >= limit:  # out of steps: one short round more if a kept fact broke
                     if limit > settings.steps or not active[len(tokens):].any():
                         break
                     limit += max(1, settings.steps // 4)
-                    active[:len(tokens)] = False
             moving = {lid: m[active.to(m.device)].any(0) for lid, m in owned.items()}
             near = (locality.select(active, seqs.reading(moving)[n:], step)
                     if settings.locality_weight > 0 else no_locality)
@@ -377,6 +376,16 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
             (~unsolved[:len(tokens)]).tolist())
 
 
+def _rows_read(model: EngramModel, tokens: list[FactTokens]) -> list[dict[int, np.ndarray]]:
+    """Per fact and Engram layer, every row its teacher-forced sequence reads."""
+    out = []
+    for t in tokens:
+        ids = torch.tensor([t.sequence[:-1]], device=next(model.parameters()).device)
+        out.append({lid: np.unique(r.cpu().numpy())
+                    for lid, r in model.compute_rows(ids).items()})
+    return out
+
+
 def _warm_start(model: EngramModel, tokens: list[FactTokens], rows: list[FactRows],
                 touched: dict[int, torch.Tensor], settings: DistillSettings
                 ) -> dict[int, torch.Tensor]:
@@ -388,8 +397,10 @@ def _warm_start(model: EngramModel, tokens: list[FactTokens], rows: list[FactRow
     out = {}
     for lid, (r, v) in values.items():
         t = touched[lid]
-        assert np.array_equal(r, t.cpu().numpy()), "the closed form touches the batch's rows"
-        out[lid] = torch.from_numpy(v).to(t.device) - model.engram(lid).embed.weight.detach()[t]
+        w = model.engram(lid).embed.weight.detach()
+        out[lid] = torch.zeros(len(t), w.shape[1], device=t.device)
+        r = torch.from_numpy(r).to(t.device)
+        out[lid][torch.searchsorted(t, r)] = torch.from_numpy(v).to(t.device) - w[r]
     return out
 
 
@@ -431,6 +442,7 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
     tokens = list(tokens) + [t for t, _ in keep]
     fact_rows = list(fact_rows) + [r for _, r in keep]
     solved = list(range(len(tokens) - len(keep), len(tokens)))
+    reads = _rows_read(model, tokens) if keep else []
     try:
         for k, batch in enumerate(batches):
             touched = {lid: torch.from_numpy(np.unique(np.concatenate(
@@ -444,14 +456,18 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
                 if progress is not None:
                     progress(DistillProgress(k + 1, len(batches), step, done, n))
 
-            # earlier facts that share a row with this batch (hash collisions aside)
+            # earlier facts whose sequences read a row of this batch (their own rows, or any
+            # other by a hash collision): kept solved, through their own rows
             shared = [i for i in solved if any(
-                np.isin(fact_rows[i].rows[lid], touched[lid].cpu().numpy()).any()
-                for lid in layer_ids)]
+                np.isin(reads[i][lid], touched[lid].cpu().numpy()).any() for lid in layer_ids)]
+            if shared:
+                touched = {lid: torch.from_numpy(np.unique(np.concatenate(
+                    [fact_rows[i].rows[lid] for i in batch + shared]))).to(device)
+                    for lid in layer_ids}
             start = _warm_start(model, [tokens[i] for i in batch], [fact_rows[i] for i in batch],
                                 touched, settings) if settings.warm_start else None
             deltas, n_steps, done = _solve_batch(
-                model, [tokens[i] for i in batch], [fact_rows[i] for i in batch],
+                model, [tokens[i] for i in batch], [fact_rows[i] for i in batch + shared],
                 [tokens[i] for i in shared], touched, loc, bounds, settings, report, start)
             steps.append(n_steps)
             undone += [i for i, ok in zip(batch, done, strict=True) if not ok]
