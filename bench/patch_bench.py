@@ -11,9 +11,9 @@ the corpus is built, else a note in the results).
               disjoint from one another), each computed on the model with the earlier ones
               applied, keeping their facts solved (as `patch` does with the facts of applied
               patches), and applied to the copy through the journal; then efficacy on the first
-              patch's facts, and retention: of the true facts (--true) whose prompts were not
-              edited and of the bundled entity probes, those the model completed right (greedy)
-              at the start that it still completes right.
+              patch's facts, and retention: of the true facts the model gets right (--known,
+              fixtures/facts/known_facts.jsonl) whose prompts were not edited, the share it
+              still completes right (greedy) after all the patches.
   undo        every patch undone, last first; then the sha256 of every file of the copy
               (outside .engram/) against its value before the first patch.
 Bars: efficacy >= 0.95, neighbourhood >= 0.95 x before, >= 20 edits/s, held-out loss rise
@@ -48,13 +48,13 @@ from engram_edit.checkpoint import load_model
 from engram_edit.edit.compute import EditSettings, Method, edit_facts, load_patch_rows
 from engram_edit.edit.facts import Fact, read_facts
 from engram_edit.edit.journal import apply_patch, undo_patch
-from engram_edit.eval import fact_metrics, greedy_hits, read_probes
+from engram_edit.eval import fact_metrics, greedy_hits
 from engram_edit.index import default_index_for
 from engram_edit.train import tokenize_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = ROOT / "fixtures" / "facts" / "counterfact.jsonl"
-TRUE = ROOT / "fixtures" / "facts" / "true_candidates.jsonl"
+KNOWN = ROOT / "fixtures" / "facts" / "known_facts.jsonl"
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,8 +63,9 @@ def parse_args() -> argparse.Namespace:
                    help="model directory; default: the bundled model")
     p.add_argument("--facts", type=Path, default=FACTS,
                    help="counterfactual edits; default fixtures/facts/counterfact.jsonl")
-    p.add_argument("--true", type=Path, default=TRUE,
-                   help="true facts for retention; default fixtures/facts/true_candidates.jsonl")
+    p.add_argument("--known", type=Path, default=KNOWN,
+                   help="true facts the model gets right, for retention; default "
+                        "fixtures/facts/known_facts.jsonl")
     p.add_argument("--batch", type=int, default=200, help="facts in the one-batch run")
     p.add_argument("--patches", type=int, default=10, help="sequential patches")
     p.add_argument("--per-patch", type=int, default=100, help="facts per sequential patch")
@@ -117,7 +118,7 @@ def batch_run(files, model, facts, stream, method: Method, seed: int) -> dict:
     return out
 
 
-def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, args,
+def sequential_run(work: Path, facts: list[Fact], known_facts: list[Fact], stream, args,
                    partial=None) -> dict:
     files, model = load_model(work, device="cpu", placement="gpu")
     order = spread(facts, args.patches * args.per_patch, args.seed + 1)
@@ -126,15 +127,11 @@ def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, ar
     chunks = [[facts[i] for i in order[k * args.per_patch:(k + 1) * args.per_patch]]
               for k in range(args.patches)]
     edited = {facts[i].prompt for i in order}
-    kept = [t for t in truths if t.prompt not in edited]
-    prompts, targets = read_probes(paths.bundled_probes_file())
-    probes = [Fact(p, p, t) for p, t in zip(prompts, targets, strict=True)]
-    known = {name: [f for f, ok in zip(group, greedy_hits(model, files.tokenizer, group),
-                                       strict=True) if ok]
-             for name, group in (("true_facts", kept), ("probes", probes))}
-    log(f"true facts: {len(truths)}, not edited {len(kept)}, known before "
-        f"{len(known['true_facts'])}; entity probes known {len(known['probes'])} of "
-        f"{len(probes)}")
+    kept = [f for f in known_facts if f.prompt not in edited]
+    right = greedy_hits(model, files.tokenizer, kept)
+    known = [f for f, ok in zip(kept, right, strict=True) if ok]
+    log(f"known true facts: {len(known_facts)}, not edited {len(kept)}, right at the start "
+        f"{len(known)}")
     original = digests(work)
     index = default_index_for(files)
     settings = EditSettings(measure=False)
@@ -153,12 +150,10 @@ def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, ar
         if partial is not None:  # a run cut short still leaves its figures so far
             partial({"patches_so_far": patches})
     first = fact_metrics(model, files.tokenizer, chunks[0])
-    retained = {name: greedy_hits(model, files.tokenizer, group) if group else np.zeros(0)
-                for name, group in known.items()}
-    every = np.concatenate(list(retained.values()))
-    retention = float(every.mean()) if len(every) else None
+    retained = greedy_hits(model, files.tokenizer, known) if known else np.zeros(0)
+    retention = float(retained.mean()) if len(retained) else None
     log(f"after {len(order)} edits: efficacy on the first {len(chunks[0])} {first.efficacy:.3f}, "
-        + ", ".join(f"{k} kept {v.sum()} of {len(v)}" for k, v in retained.items()))
+        f"known true facts still right {int(retained.sum())} of {len(retained)}")
     start = time.perf_counter()
     for _ in chunks:
         undo_patch(files)
@@ -167,10 +162,8 @@ def sequential_run(work: Path, facts: list[Fact], truths: list[Fact], stream, ar
     same = {name: restored.get(name) == sha for name, sha in original.items()}
     log(f"undo of {len(chunks)} patches: {undo_s:.2f} s, every file equal: {all(same.values())}")
     return {"patches": patches, "edits": len(order), "first_patch": asdict(first),
-            "known_before": {k: len(v) for k, v in known.items()},
-            "retention": retention,
-            "retention_by_set": {k: float(v.mean()) if len(v) else None
-                                 for k, v in retained.items()},
+            "known_facts_file": str(args.known), "known_right_before": len(known),
+            "known_right_after": int(retained.sum()), "retention": retention,
             "undo_seconds": undo_s, "sha256_equal": same,
             "bars": {"efficacy_first>=0.9": first.efficacy >= 0.9,
                      "retention>=0.95": retention is not None and retention >= 0.95,
@@ -182,7 +175,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     facts = read_facts(args.facts)
-    truths = read_facts(args.true)
+    known_facts = read_facts(args.known)
     result: dict = {"benchmark": "patch", "date": datetime.datetime.now().isoformat(
         timespec="seconds"), "model": str(args.model), "facts_file": str(args.facts),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
@@ -208,7 +201,7 @@ def main() -> None:
 
         save()
         if "sequential" not in args.skip:
-            result["sequential"] = sequential_run(work, facts, truths, stream, args, save)
+            result["sequential"] = sequential_run(work, facts, known_facts, stream, args, save)
     result["load_average_end"] = os.getloadavg()
     save()
     log(f"wrote {out}")

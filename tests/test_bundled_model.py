@@ -1,6 +1,7 @@
 """The shipped model meets its bars (fixtures/model/TRAINING.md); cheap checks only."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,14 @@ from typer.testing import CliRunner
 
 from commands.main import app
 from engram_edit.checkpoint import load_model
-from engram_edit.eval import fact_ablation, read_probes, score_completions, text_ablation
+from engram_edit.edit.facts import Fact, read_facts
+from engram_edit.eval import (
+    fact_ablation,
+    greedy_hits,
+    read_probes,
+    score_completions,
+    text_ablation,
+)
 from engram_edit.paths import bundled_heldout_file, bundled_model_dir, bundled_probes_file
 from engram_edit.train import tokenize_texts
 
@@ -66,3 +74,15 @@ def test_min_count_needs_a_count_on_every_probe(tmp_path):
     assert result.exit_code == 2
     assert f"{probes}:2: count: missing" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_known_facts_are_the_true_facts_the_bundled_model_gets_right(bundled):
+    files, model = bundled
+    known = read_facts(Path(__file__).parents[1] / "fixtures" / "facts" / "known_facts.jsonl")
+    assert len(known) >= 50
+    assert greedy_hits(model, files.tokenizer, known).all()
+    prompts, targets = read_probes(bundled_probes_file())
+    probes = [Fact(p, p, t.strip()) for p, t in zip(prompts, targets, strict=True)]
+    right = {f.prompt for f, ok in zip(probes, greedy_hits(model, files.tokenizer, probes),
+                                       strict=True) if ok}
+    assert right == {f.prompt for f in known}
