@@ -39,6 +39,7 @@ class DistillSettings:
     adam_eps: float = 1e-8  # Adam's eps; near typical gradients, rows that barely matter move less
     batch_facts: int = 256  # facts optimized together
     margin: float = 1.0  # solved: log P(target) >= log P(ground truth) + this (nats) ...
+    keep_margin: float = 0.0  # ... and a kept fact of an earlier batch is intact at this
     stop_prob: float = 0.6  # ... or, without a ground truth, P(target) >= this, greedy
     locality_weight: float = 1.0  # weight of the KL to the unedited model
     heldout_windows: int = 8  # held-out windows in the locality term (0: none)
@@ -267,13 +268,14 @@ class _Truths:
 
 
 def _scores(model: EngramModel, logp: torch.Tensor, idx: list[int], gold: list[torch.Tensor],
-            truths: _Truths, settings: DistillSettings, exact: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            truths: _Truths, margins: torch.Tensor, settings: DistillSettings,
+            exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the facts ``idx``, from the log-probs ``logp`` at their target positions (in order):
     log P(target) (differentiable), target length, and solved (CPU bool): the target beats the
-    ground truth by ``margin``; without a ground truth, P(target) >= ``stop_prob`` and greedy
-    decoding gives it."""
+    ground truth by the fact's margin (``margins``); without a ground truth, P(target) >=
+    ``stop_prob`` and greedy decoding gives it."""
     device = logp.device
+    margin = margins[idx]
     gold_sel = torch.cat([gold[i] for i in idx])
     lengths = torch.tensor([len(gold[i]) for i in idx], device=device)
     owner = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)
@@ -284,10 +286,10 @@ def _scores(model: EngramModel, logp: torch.Tensor, idx: list[int], gold: list[t
     first = logp.detach()[torch.cumsum(lengths, 0) - lengths]
     truth = truths(model, idx, first, exact)
     if not exact:  # a fact the estimate calls solved is confirmed with its truth's own pass
-        sure = torch.nonzero(lp.detach() >= truth + settings.margin).flatten().tolist()
+        sure = torch.nonzero(lp.detach() >= truth + margin).flatten().tolist()
         if sure:
             truth[sure] = truths(model, [idx[i] for i in sure], first[sure], exact=True)
-    by_margin = lp.detach() >= truth + settings.margin
+    by_margin = lp.detach() >= truth + margin
     by_prob = (lp.detach() >= float(np.log(settings.stop_prob))) & (wrong == 0)
     return lp, lengths.float(), torch.where(truth.isnan(), by_prob, by_margin).cpu()
 
@@ -312,6 +314,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
     owned = _owned(rows, touched, n)
     gold = [torch.tensor(t.target, device=device) for t in facts]
     truths = _Truths(model, facts, len(tokens))
+    margins = torch.tensor([settings.margin] * len(tokens) + [settings.keep_margin] * len(keep),
+                           device=device)
     weights = {lid: model.engram(lid).embed.weight.detach()[t] for lid, t in touched.items()}
     deltas = {lid: (start[lid].clone() if start else torch.zeros_like(w)).requires_grad_(True)
               for lid, w in weights.items()}
@@ -338,7 +342,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                 if idx:
                     with torch.no_grad():
                         logp = seqs.batch(torch.cat([check, no_locality])).log_probs(model)
-                        ok = _scores(model, logp, idx, gold, truths, settings, exact=final)[2]
+                        ok = _scores(model, logp, idx, gold, truths, margins, settings,
+                                     exact=final)[2]
                     unsolved[check] = ~ok
                 checked = {lid: d.detach().clone() for lid, d in deltas.items()}
                 active, since_check = unsolved & movable, 0
@@ -355,7 +360,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
             idx = torch.nonzero(active).flatten()
             logp = seqs.batch(torch.cat([active, near])).log_probs(model)
             split = sum(len(gold[i]) for i in idx.tolist())
-            lp, n_tokens, ok = _scores(model, logp[:split], idx.tolist(), gold, truths, settings)
+            lp, n_tokens, ok = _scores(model, logp[:split], idx.tolist(), gold, truths, margins,
+                                       settings)
             failing = (~ok).to(device=device, dtype=torch.float32)
             loss = -(lp / n_tokens * failing).sum()  # a sum: each fact's gradient is its own
             active[idx[ok]] = False  # solved: out of the batch, its rows freeze
