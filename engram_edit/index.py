@@ -602,6 +602,31 @@ class NgramIndex:
         return [(tuple(g), int(self.counts[order][m]))
                 for g, m in zip(grams, members.tolist(), strict=True)]
 
+    def members_of(self, layer_id: int, rows: Iterable[int]
+                   ) -> dict[int, list[tuple[tuple[int, ...], int]]]:
+        """``members`` of many rows of one layer at once: one pass over the indexed n-grams per
+        (order, head) instead of one per row."""
+        h = self.hasher
+        by_column: dict[int, dict[int, int]] = {}  # column -> slot -> row
+        for row in set(rows):
+            column, slot = h.locate(layer_id, row)
+            by_column.setdefault(column, {})[slot] = row
+        out: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+        for column, slot_rows in by_column.items():
+            order, head = h.column_order_head(column)
+            slots = np.asarray(self._order_slots(layer_id, order)[:, head], np.int64)
+            hit = np.flatnonzero(np.isin(slots, np.fromiter(slot_rows, np.int64)))
+            counts = np.asarray(self.counts[order][hit], np.int64)
+            keys = slots[hit]
+            ranked = np.lexsort((-counts, keys))  # by slot, then most frequent first (stable)
+            grams = np.asarray(self.grams[order][hit[ranked]], np.int64).tolist()
+            for row in slot_rows.values():
+                out[row] = []
+            for g, key, c in zip(grams, keys[ranked].tolist(), counts[ranked].tolist(),
+                                 strict=True):
+                out[slot_rows[key]].append((tuple(g), c))
+        return out
+
     def sharers(self, layer_id: int, row: int, top_k: int | None = None,
                 exclude: Iterable[Sequence[int]] = ()) -> list[Sharer]:
         """The indexed n-grams that read a row, most frequent first (ties: lexicographic).

@@ -106,6 +106,14 @@ def test_sharers_are_most_frequent_first_and_can_leave_one_out(indexed):
         assert index.sharers(lid, row, top_k=1) == index.sharers(lid, row)[:1]
 
 
+def test_members_of_many_rows_equal_members_row_by_row(indexed):
+    files, index, _ = indexed
+    for lid in files.hasher.layer_ids:
+        rows = [r for (layer, r) in direct_slots(files, corpus_texts()) if layer == lid]
+        rows += [0, files.hasher.rows_per_layer[lid] - 1]  # likely empty slots too
+        assert index.members_of(lid, rows) == {r: index.members(lid, r) for r in rows}
+
+
 def test_ngram_count_equals_a_direct_count(indexed):
     files, index, texts = indexed
     tok = files.tokenizer

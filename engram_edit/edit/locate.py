@@ -33,8 +33,8 @@ class RowChoice(str, Enum):
 
     subject: every n-gram that contains a subject token, at the positions that predict the
     target. final: every n-gram ending at those positions. both: the union. auto: subject, plus
-    the final n-grams that are rare in the corpus n-gram index, less each n-gram's crowded
-    heads (``CROWDED_RATIO``; both only when an index is given).
+    the n-grams of the prompt's last position that are rare in the corpus n-gram index, less
+    each n-gram's crowded heads (``CROWDED_RATIO``; both only when an index is given).
     """
 
     AUTO = "auto"
@@ -103,6 +103,7 @@ def _ngrams(tokens: FactTokens, hasher: NgramHasher, choice: RowChoice, compress
     """(position, order) of every chosen n-gram among those the target's prediction reads."""
     subject = set(tokens.subject)
     predicting = set(tokens.predicting)
+    prompt_end = len(tokens.prompt) - 1
     chosen = []
     for pos in range(tokens.predicting[-1] + 1):
         for order in range(2, hasher.max_ngram + 1):
@@ -115,9 +116,9 @@ def _ngrams(tokens: FactTokens, hasher: NgramHasher, choice: RowChoice, compress
                 keep = final
             elif choice is RowChoice.BOTH:
                 keep = has_subject or final
-            else:
-                keep = has_subject
-                if not keep and final and ngram_count is not None:
+            else:  # a final n-gram that holds target tokens is read by every prompt
+                keep = has_subject  # answered with that target, so it is never specific
+                if not keep and pos == prompt_end and ngram_count is not None:
                     keep = ngram_count(_ngram_ids(compressed, pos, order,
                                                   hasher.pad_id)) < RARE_NGRAM_COUNT
             if keep:

@@ -78,7 +78,9 @@ def facts_sharing(index: NgramIndex, tokens: Sequence[FactTokens],
         >>> facts_sharing(index, tokens, rows)[0].sharers[0]  # doctest: +SKIP
         RowSharer(ids=(12, 40), text='of the', count=5120, rows=1)
     """
-    members: dict[tuple[int, int], list[tuple[tuple[int, ...], int]]] = {}
+    members = {(lid, row): m for lid in index.hasher.layer_ids
+               for row, m in index.members_of(lid, (r for fr in fact_rows
+                                                    for r in fr.rows.get(lid, ()))).items()}
     out = []
     for t, fr in zip(tokens, fact_rows, strict=True):
         own = own_ngrams(index, t)
@@ -87,8 +89,6 @@ def facts_sharing(index: NgramIndex, tokens: Sequence[FactTokens],
         for lid, rows in fr.rows.items():
             for row in rows.tolist():
                 key = (lid, row)
-                if key not in members:
-                    members[key] = index.members(lid, row)
                 loads.append((len(members[key]), sum(c for _, c in members[key])))
                 for ids, count in members[key]:
                     if ids not in own:
