@@ -16,7 +16,7 @@ import numpy as np
 
 from engram_edit.config import EngramConfig
 from engram_edit.errors import BadInputError, MismatchError
-from engram_edit.fileio import atomic_dir, atomic_write_text
+from engram_edit.fileio import atomic_dir, atomic_write_text, read_json
 from engram_edit.hashing import NgramHasher
 from engram_edit.memory import MemoryTable
 from engram_edit.tensorfile import TensorLocation, locate_tensors, read_header
@@ -168,10 +168,7 @@ def open_memory(path: str | Path) -> MemoryFiles:
     path = Path(path)
     _require_dir(path, "memory", MEMORY_JSON)
     meta_path = path / MEMORY_JSON
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{meta_path}: cannot read ({err})") from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != MEMORY_FORMAT:
         raise BadInputError(f"{meta_path}: not an engram-edit memory description "
                             f"(format is not {MEMORY_FORMAT!r})")

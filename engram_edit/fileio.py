@@ -7,11 +7,29 @@ the write-ahead journal instead).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from engram_edit.errors import BadInputError
+
+
+def read_json(file: Path) -> Any:
+    """A JSON file's value.
+
+    Raises:
+        BadInputError: one line naming the file: not found, unreadable, not UTF-8 or not JSON.
+    """
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{file}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{file}: cannot read ({err})") from None
 
 
 def _default_mode() -> int:

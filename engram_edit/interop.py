@@ -31,7 +31,7 @@ from engram_edit.checkpoint import (
 )
 from engram_edit.config import EngramConfig
 from engram_edit.errors import BadInputError, MismatchError
-from engram_edit.fileio import atomic_dir
+from engram_edit.fileio import atomic_dir, read_json
 from engram_edit.hashing import NgramHasher
 from engram_edit.layouts import demo, v4
 from engram_edit.layouts.base import (
@@ -326,10 +326,7 @@ def read_provenance(model: Path) -> dict[str, Any] | None:
     file = model / IMPORT_JSON
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{file}: cannot read ({err})") from None
+    data = read_json(file)
     if not isinstance(data, dict) or data.get("format") != IMPORT_FORMAT:
         raise BadInputError(f"{file}: not an engram-edit import record")
     if data.get("format_version") != IMPORT_FORMAT_VERSION:

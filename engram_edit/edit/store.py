@@ -34,7 +34,7 @@ from typing import Any
 from engram_edit.checkpoint import ModelFiles
 from engram_edit.edit.patch import PATCH_SUFFIX, Patch, read_patch
 from engram_edit.errors import BadInputError, LockHeldError
-from engram_edit.fileio import atomic_write_text, fsync_path
+from engram_edit.fileio import atomic_write_text, fsync_path, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +201,7 @@ def read_history(folder: Path) -> list[HistoryEntry]:
     path = folder / HISTORY_FILE
     if not path.is_file():
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{path}: cannot read ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT or not isinstance(
             data.get("patches"), list):
         raise BadInputError(f"{path}: not an engram-edit history (format is not "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_edit.errors import BadInputError
+from engram_edit.fileio import read_json
 from engram_edit.tensorfile import INDEX_NAME, MAX_HEADER_BYTES, TensorLocation, read_header
 
 OURS = "engram-edit"  # our own layout: config.json keys of EngramConfig, our tensor names
@@ -91,12 +92,7 @@ class ConfigMapping:
 def read_config(path: Path) -> dict[str, Any]:
     """config.json of a directory as a dict (BadInputError naming the file otherwise)."""
     file = path / CONFIG_FILE
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"{file}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{file}: cannot read ({err})") from None
+    data = read_json(file)
     if not isinstance(data, dict):
         raise BadInputError(f"{file}: expected a JSON object")
     return data
@@ -107,10 +103,7 @@ def weight_map(path: Path) -> dict[str, str] | None:
     index = path / INDEX_NAME
     if not index.is_file():
         return None
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{index}: cannot read ({err})") from None
+    data = read_json(index)
     found = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(found, dict) or not all(
             isinstance(v, str) and Path(v).name == v and v not in ("", ".", "..")

@@ -20,6 +20,7 @@ from typing import Any
 
 from engram_edit.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, ModelFiles, scale_name, table_name
 from engram_edit.errors import BadInputError
+from engram_edit.fileio import read_json
 from engram_edit.layouts.base import header_entries, header_metadata, raw_header, weight_map
 from engram_edit.layouts.write import OutFile, fp8_rows, header_bytes, write_files
 from engram_edit.memory import MemoryTable
@@ -84,10 +85,7 @@ def _record(path: Path) -> dict[str, Any] | None:
     file = path / BACKBONE_JSON
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{file}: cannot read ({err})") from None
+    data = read_json(file)
     if not isinstance(data, dict) or data.get("format") != BACKBONE_FORMAT or \
             not isinstance(data.get("headers"), dict):
         raise BadInputError(f"{file}: not an engram-edit V4.1 backbone record")
