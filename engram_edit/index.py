@@ -578,29 +578,28 @@ class NgramIndex:
                     pass
         return self._slots[key]
 
-    def _members(self, layer_id: int, row: int) -> tuple[int, np.ndarray]:
-        """(order, indices of its indexed n-grams) that read global ``row`` of a layer."""
+    def _locate(self, layer_id: int, row: int) -> tuple[int, int]:
+        """(column, slot) of global ``row`` of a layer, both checked."""
         h = self.hasher
         if layer_id not in h.layer_ids:
             raise BadInputError(f"layer {layer_id} is not an Engram layer (Engram layers: "
                                 f"{h.layer_ids})")
         try:
-            column, slot = h.locate(layer_id, row)
+            return h.locate(layer_id, row)
         except IndexError:
             raise BadInputError(f"row {row} is out of range for layer {layer_id} "
                                 f"({h.rows_per_layer[layer_id]} rows)") from None
-        order, head = h.column_order_head(column)
+
+    def _members(self, layer_id: int, row: int) -> tuple[int, np.ndarray]:
+        """(order, indices of its indexed n-grams) that read global ``row`` of a layer."""
+        column, slot = self._locate(layer_id, row)
+        order, head = self.hasher.column_order_head(column)
         return order, np.flatnonzero(self._order_slots(layer_id, order)[:, head] == slot)
 
     def members(self, layer_id: int, row: int) -> list[tuple[tuple[int, ...], int]]:
         """(compressed ids, count) of every indexed n-gram that reads a row, most frequent
         first (ties: lexicographic)."""
-        order, members = self._members(layer_id, row)
-        counts = np.asarray(self.counts[order][members], np.int64)
-        members = members[np.argsort(-counts, kind="stable")]
-        grams = np.asarray(self.grams[order][members], np.int64).tolist()
-        return [(tuple(g), int(self.counts[order][m]))
-                for g, m in zip(grams, members.tolist(), strict=True)]
+        return self.members_of(layer_id, [row])[row]
 
     def members_of(self, layer_id: int, rows: Iterable[int]
                    ) -> dict[int, list[tuple[tuple[int, ...], int]]]:
@@ -609,7 +608,7 @@ class NgramIndex:
         h = self.hasher
         by_column: dict[int, dict[int, int]] = {}  # column -> slot -> row
         for row in set(rows):
-            column, slot = h.locate(layer_id, row)
+            column, slot = self._locate(layer_id, row)
             by_column.setdefault(column, {})[slot] = row
         out: dict[int, list[tuple[tuple[int, ...], int]]] = {}
         for column, slot_rows in by_column.items():

@@ -106,12 +106,19 @@ def test_sharers_are_most_frequent_first_and_can_leave_one_out(indexed):
         assert index.sharers(lid, row, top_k=1) == index.sharers(lid, row)[:1]
 
 
-def test_members_of_many_rows_equal_members_row_by_row(indexed):
+def test_members_of_many_rows_equal_a_direct_hashing(indexed):
     files, index, _ = indexed
+    expected = direct_slots(files, corpus_texts())
     for lid in files.hasher.layer_ids:
-        rows = [r for (layer, r) in direct_slots(files, corpus_texts()) if layer == lid]
-        rows += [0, files.hasher.rows_per_layer[lid] - 1]  # likely empty slots too
-        assert index.members_of(lid, rows) == {r: index.members(lid, r) for r in rows}
+        rows = [r for (layer, r) in expected if layer == lid]
+        empty = [r for r in (0, files.hasher.rows_per_layer[lid] - 1) if (lid, r) not in expected]
+        found = index.members_of(lid, rows + empty)
+        assert set(found) == set(rows + empty)
+        for r in rows:
+            assert dict(found[r]) == dict(expected[(lid, r)])
+            counts = [c for _, c in found[r]]
+            assert counts == sorted(counts, reverse=True)
+        assert all(found[r] == [] for r in empty)
 
 
 def test_ngram_count_equals_a_direct_count(indexed):
