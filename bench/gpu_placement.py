@@ -57,7 +57,7 @@ from engram_edit.dtypes import storage_from_torch
 from engram_edit.hashing import NgramHasher
 from engram_edit.model import EngramModel
 from engram_edit.model.placement import PLACEMENTS, RowSource
-from engram_edit.split import SafetensorsWriter, TensorEntry
+from engram_edit.tensorwrite import SafetensorsWriter, TensorEntry
 from engram_edit.tokenizer import EngramTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -42,7 +42,8 @@ from engram_edit.checkpoint import FINGERPRINT_KEY, fingerprint, table_name, wit
 from engram_edit.config import EngramConfig
 from engram_edit.hashing import NgramHasher
 from engram_edit.paths import bundled_model_dir
-from engram_edit.split import CHUNK_BYTES, SafetensorsWriter, TensorEntry, memory_json
+from engram_edit.split import memory_json
+from engram_edit.tensorwrite import CHUNK_BYTES, SafetensorsWriter, TensorEntry
 from engram_edit.tokenizer import EngramTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ import numpy as np
 from engram_edit.checkpoint import table_name, with_derived
 from engram_edit.config import EngramConfig
 from engram_edit.hashing import NgramHasher
-from engram_edit.split import CHUNK_BYTES, SafetensorsWriter, TensorEntry
+from engram_edit.tensorwrite import CHUNK_BYTES, SafetensorsWriter, TensorEntry
 from engram_edit.tokenizer import EngramTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -56,8 +56,9 @@ from engram_edit.checkpoint import (
 from engram_edit.config import EngramConfig
 from engram_edit.hashing import NgramHasher
 from engram_edit.layouts import v4
-from engram_edit.split import TensorEntry, memory_json, safetensors_header
+from engram_edit.split import memory_json
 from engram_edit.tensorfile import pwrite_all
+from engram_edit.tensorwrite import TensorEntry, safetensors_header
 from engram_edit.tokenizer import EngramTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

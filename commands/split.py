@@ -26,13 +26,13 @@ from engram_edit.errors import BadInputError
 from engram_edit.paths import resolve_model
 from engram_edit.split import (
     ConvertReport,
-    CopyProgress,
     JoinReport,
     SplitReport,
     convert_memory,
     join_model,
     split_model,
 )
+from engram_edit.tensorwrite import CopyProgress
 
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace outputs that exist (model, memory or empty directories only).")]

@@ -64,8 +64,8 @@ from engram_edit.checkpoint import MemoryFiles, ModelFiles
 from engram_edit.errors import BadInputError, MismatchError
 from engram_edit.fileio import atomic_path, atomic_write_bytes
 from engram_edit.paths import cache_dir
-from engram_edit.split import TensorEntry, safetensors_header
 from engram_edit.tensorfile import TensorLocation, read_header
+from engram_edit.tensorwrite import TensorEntry, safetensors_header
 from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
 
 if TYPE_CHECKING:

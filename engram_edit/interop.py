@@ -58,15 +58,15 @@ from engram_edit.layouts.write import (
     write_files,
 )
 from engram_edit.memory import MemoryTable
-from engram_edit.split import (
+from engram_edit.split import check_outputs
+from engram_edit.tensorfile import TensorLocation, locate_tensors, read_range
+from engram_edit.tensorwrite import (
     DEFAULT_METADATA,
     ProgressFn,
     Source,
     TensorEntry,
-    check_outputs,
     write_safetensors,
 )
-from engram_edit.tensorfile import TensorLocation, locate_tensors, read_range
 from engram_edit.tokenizer import EngramTokenizer
 
 IMPORT_JSON = "import.json"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from commands.main import app
 from conftest import GOLDEN
-from engram_edit import split as split_module
+from engram_edit import tensorwrite
 from engram_edit.checkpoint import (
     FINGERPRINT_KEY,
     open_memory,
@@ -28,16 +28,9 @@ from engram_edit.config import EngramConfig
 from engram_edit.dtypes import decode
 from engram_edit.errors import BadInputError, MismatchError
 from engram_edit.hashing import NgramHasher
-from engram_edit.split import (
-    CopyProgress,
-    TensorEntry,
-    convert_memory,
-    join_model,
-    safetensors_header,
-    split_model,
-    write_safetensors,
-)
+from engram_edit.split import convert_memory, join_model, split_model
 from engram_edit.tensorfile import locate_tensors, read_header
+from engram_edit.tensorwrite import CopyProgress, TensorEntry, safetensors_header, write_safetensors
 from engram_edit.tokenizer import EngramTokenizer
 
 TOKENIZER = GOLDEN / "tiny_tokenizer.json"
@@ -196,7 +189,7 @@ def test_header_bytes_are_exact():
 
 
 def test_small_chunks_and_producers_copy_every_byte(tmp_path, monkeypatch):
-    monkeypatch.setattr(split_module, "CHUNK_BYTES", 24)
+    monkeypatch.setattr(tensorwrite, "CHUNK_BYTES", 24)
     src = tmp_path / "src.safetensors"
     x = torch.arange(50, dtype=torch.int32)
     save_file({"x": x}, src)

@@ -24,8 +24,9 @@ from engram_edit.fileio import read_json
 from engram_edit.layouts.base import header_entries, header_metadata, raw_header, weight_map
 from engram_edit.layouts.write import OutFile, fp8_rows, header_bytes, write_files
 from engram_edit.memory import MemoryTable
-from engram_edit.split import HISTORY_DIR, CopyProgress, ProgressFn, Source, TensorEntry
+from engram_edit.split import HISTORY_DIR
 from engram_edit.tensorfile import TensorLocation, read_header
+from engram_edit.tensorwrite import CopyProgress, ProgressFn, Source, TensorEntry
 
 BACKBONE_JSON = "engram-backbone.json"
 BACKBONE_FORMAT = "engram-edit-v4-backbone"

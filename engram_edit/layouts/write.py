@@ -18,9 +18,10 @@ import numpy as np
 from engram_edit import dtypes
 from engram_edit.layouts.base import header_entries
 from engram_edit.memory import MemoryTable
-from engram_edit.split import (
+from engram_edit.split import CONVERT_VALUES
+from engram_edit.tensorfile import TensorLocation, pread_into, pwrite_all
+from engram_edit.tensorwrite import (
     CHUNK_BYTES,
-    CONVERT_VALUES,
     CopyProgress,
     Producer,
     ProgressFn,
@@ -28,7 +29,6 @@ from engram_edit.split import (
     TensorEntry,
     write_safetensors,
 )
-from engram_edit.tensorfile import TensorLocation, pread_into, pwrite_all
 
 
 def concat(parts: list[TensorLocation]) -> Producer:
