@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from engram_edit.errors import BadInputError
+
 ModelOpt = Annotated[Path | None, typer.Option(
     "--model", "-m", metavar="DIR",
     help="Model directory. Default: $ENGRAM_EDIT_MODEL, else your working copy, "
@@ -17,6 +19,8 @@ MemoryOpt = Annotated[Path | None, typer.Option(
     help="A split memory directory (from `split`) to plug into the model.")]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print one JSON object on stdout, nothing else.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Replace outputs that exist (model, memory or empty directories only).")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="torch device (cpu, cuda, cuda:1). Default: cuda when available, else cpu.")]
 
@@ -36,3 +40,12 @@ PlacementOpt = Annotated[Placement | None, typer.Option(
          "(read from the memory file on demand, for tables larger than RAM). Default: gpu if "
          "the model runs on CUDA and fits in free GPU memory, else host; gpu on a CPU-only "
          "machine.")]
+
+
+def one_path(argument: Path | None, option: Path | None, name: str, flag: str) -> Path | None:
+    """The path given as the positional ``argument`` or as the option ``flag`` (the same path
+    twice is fine); ``name`` is the argument's metavar, for the error."""
+    if argument is not None and option is not None and argument != option:
+        raise BadInputError(f"{name} is given twice ({argument} and {flag} {option}); "
+                            f"give one")
+    return argument if argument is not None else option

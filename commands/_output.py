@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from engram_edit.tensorwrite import CopyProgress, ProgressFn
 
 
 class Output:
@@ -60,3 +73,19 @@ def human_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+@contextlib.contextmanager
+def byte_progress(output: Output, label: str) -> Iterator[ProgressFn]:
+    """A byte progress bar on stderr (only on a terminal and without --json); yields the
+    ``progress`` callback of split, join, convert-memory, import and export."""
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn()]
+    disable = output.json_mode or not output.err.is_terminal
+    with Progress(*columns, console=output.err, disable=disable, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(p: CopyProgress) -> None:
+            bar.update(task, completed=p.done, total=p.total)
+
+        yield update

@@ -10,9 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands._options import JsonOpt, MemoryOpt, ModelOpt
-from commands._output import Output, human_bytes
-from commands.split import ForceOpt, _one, _progress
+from commands._options import ForceOpt, JsonOpt, MemoryOpt, ModelOpt, one_path
+from commands._output import Output, byte_progress, human_bytes
 from engram_edit.interop import ExportReport, ImportReport, export_model, import_model
 from engram_edit.paths import resolve_model
 
@@ -47,7 +46,7 @@ def import_command(
       engram-edit import DeepSeek-V4.1-Flash --from v4 --out v41-engram --json
     """
     output = Output(json)
-    with _progress(output, "import") as progress:
+    with byte_progress(output, "import") as progress:
         report = import_model(source, layout.value, out, force=force, progress=progress)
     output.result(asdict(report), lambda console: _render_import(console, report))
 
@@ -90,8 +89,8 @@ def export_command(
       engram-edit export v41-engram --to v4 --out DeepSeek-V4.1-Flash-edited
     """
     output = Output(json)
-    path = _one(model_dir, model, "MODEL", "--model") or resolve_model(None).path
-    with _progress(output, "export") as progress:
+    path = one_path(model_dir, model, "MODEL", "--model") or resolve_model(None).path
+    with byte_progress(output, "export") as progress:
         report = export_model(path, layout.value, out, memory=memory, force=force,
                               progress=progress)
     output.result(asdict(report), lambda console: _render_export(console, report))

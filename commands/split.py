@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -11,17 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
-from commands._options import JsonOpt, MemoryOpt, ModelOpt
-from commands._output import Output, human_bytes
+from commands._options import ForceOpt, JsonOpt, MemoryOpt, ModelOpt, one_path
+from commands._output import Output, byte_progress, human_bytes
 from engram_edit.errors import BadInputError
 from engram_edit.paths import resolve_model
 from engram_edit.split import (
@@ -32,10 +22,6 @@ from engram_edit.split import (
     join_model,
     split_model,
 )
-from engram_edit.tensorwrite import CopyProgress
-
-ForceOpt = Annotated[bool, typer.Option(
-    "--force", help="Replace outputs that exist (model, memory or empty directories only).")]
 
 
 class RowDtypeChoice(str, Enum):
@@ -43,29 +29,6 @@ class RowDtypeChoice(str, Enum):
     bf16 = "bf16"
     f16 = "f16"
     f32 = "f32"
-
-
-@contextlib.contextmanager
-def _progress(output: Output, label: str) -> Iterator[Callable[[CopyProgress], None]]:
-    """A byte progress bar on stderr (only on a terminal and without --json)."""
-    columns = [TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn()]
-    disable = output.json_mode or not output.err.is_terminal
-    with Progress(*columns, console=output.err, disable=disable, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(p: CopyProgress) -> None:
-            bar.update(task, completed=p.done, total=p.total)
-
-        yield update
-
-
-def _one(argument: Path | None, option: Path | None, name: str, flag: str) -> Path | None:
-    """The path given as ``argument`` or as ``flag`` (the same path twice is fine)."""
-    if argument is not None and option is not None and argument != option:
-        raise BadInputError(f"{name} is given twice ({argument} and {flag} {option}); "
-                            f"give one")
-    return argument if argument is not None else option
 
 
 def split_command(
@@ -99,8 +62,8 @@ def split_command(
       engram-edit split --model my-model --out out/bb out/mem --force --json
     """
     output = Output(json)
-    path = _one(model_dir, model, "MODEL", "--model") or resolve_model(None).path
-    with _progress(output, "split") as progress:
+    path = one_path(model_dir, model, "MODEL", "--model") or resolve_model(None).path
+    with byte_progress(output, "split") as progress:
         report = split_model(path, out[0], out[1], force=force, progress=progress,
                              memory=memory)
     output.result(asdict(report), lambda console: _render_split(console, report))
@@ -144,11 +107,11 @@ def join_command(
       engram-edit join --model my-backbone --memory mem-fp8 --out model-fp8
     """
     output = Output(json)
-    backbone = _one(backbone_dir, model, "BACKBONE", "--model") or resolve_model(None).path
-    mem = _one(memory_dir, memory, "MEMORY", "--memory")
+    backbone = one_path(backbone_dir, model, "BACKBONE", "--model") or resolve_model(None).path
+    mem = one_path(memory_dir, memory, "MEMORY", "--memory")
     if mem is None:
         raise BadInputError("join needs a memory directory: give MEMORY or --memory")
-    with _progress(output, "join") as progress:
+    with byte_progress(output, "join") as progress:
         report = join_model(backbone, mem, out, force=force, progress=progress)
     output.result(asdict(report), lambda console: _render_join(console, report))
 
@@ -184,10 +147,10 @@ def convert_command(
       engram-edit convert-memory --memory my-memory --dtype bf16 --out mem-bf16
     """
     output = Output(json)
-    mem = _one(memory_dir, memory, "MEMORY", "--memory")
+    mem = one_path(memory_dir, memory, "MEMORY", "--memory")
     if mem is None:
         raise BadInputError("convert-memory needs a memory directory: give MEMORY or --memory")
-    with _progress(output, "convert") as progress:
+    with byte_progress(output, "convert") as progress:
         report = convert_memory(mem, dtype.value, out, force=force, progress=progress)
     output.result(asdict(report), lambda console: _render_convert(console, report))
 

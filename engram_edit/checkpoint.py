@@ -87,8 +87,10 @@ def model_compression(config: EngramConfig, tokenizer: EngramTokenizer) -> np.nd
     return table
 
 
-def _derived_problems(config: EngramConfig, tokenizer: EngramTokenizer, hasher: NgramHasher,
-                      source: str) -> list[str]:
+def derived_problems(config: EngramConfig, tokenizer: EngramTokenizer, hasher: NgramHasher,
+                     source: str) -> list[str]:
+    """Where config's vocab_size, engram_compressed_vocab_size or engram_num_embeddings
+    disagree with the tokenizer and hash geometry, one line each naming ``source``."""
     p = []
     if tokenizer.vocab_size > config.vocab_size:
         p.append(f"{source}: vocab_size {config.vocab_size} is smaller than the tokenizer's "
@@ -181,7 +183,7 @@ def open_memory(path: str | Path) -> MemoryFiles:
         {**hashing, "vocab_size": tokenizer.vocab_size, "num_hidden_layers": max(layer_ids) + 1},
         source=str(meta_path))
     hasher = NgramHasher.for_tokenizer(config, tokenizer)
-    problems = _derived_problems(config, tokenizer, hasher, str(meta_path))
+    problems = derived_problems(config, tokenizer, hasher, str(meta_path))
     fp = fingerprint(config, tokenizer)
     if meta.get("fingerprint") != fp:
         problems.append(f"{meta_path}: fingerprint does not match its own hashing config and "
@@ -196,8 +198,10 @@ def open_memory(path: str | Path) -> MemoryFiles:
     return MemoryFiles(path, config, tokenizer, hasher, dict(header.tensors), fp, meta)
 
 
-def _check_tables(config: EngramConfig, hasher: NgramHasher,
-                  tensors: dict[str, TensorLocation], source: Path) -> None:
+def check_tables(config: EngramConfig, hasher: NgramHasher,
+                 tensors: dict[str, TensorLocation], source: Path) -> None:
+    """Raise MismatchError unless every Engram layer's table is in ``tensors`` with the
+    shape config and hasher give (one line per missing or misshapen table, naming ``source``)."""
     problems = []
     for i in config.engram_layer_ids:
         name = table_name(i)
@@ -213,8 +217,8 @@ def _check_tables(config: EngramConfig, hasher: NgramHasher,
         raise MismatchError(problems)
 
 
-def _memory_mismatch(backbone: EngramConfig, tokenizer: EngramTokenizer,
-                     memory: MemoryFiles) -> list[str]:
+def memory_mismatch(backbone: EngramConfig, tokenizer: EngramTokenizer,
+                    memory: MemoryFiles) -> list[str]:
     """Which component differs between a backbone and a memory, one line each."""
     src = f"{memory.path}"
     mc = memory.config
@@ -266,21 +270,21 @@ def open_model(path: str | Path, memory: str | Path | None = None) -> ModelFiles
     config = EngramConfig.from_json_file(path / CONFIG_FILE)
     tokenizer = EngramTokenizer.from_file(path / TOKENIZER_FILE)
     hasher = NgramHasher.for_tokenizer(config, tokenizer)
-    problems = _derived_problems(config, tokenizer, hasher, str(path / CONFIG_FILE))
+    problems = derived_problems(config, tokenizer, hasher, str(path / CONFIG_FILE))
     if problems:
         raise MismatchError(problems)
     tensors = _weight_locations(path)
     mem = None
     if memory is not None:
         mem = open_memory(memory)
-        mismatch = _memory_mismatch(config, tokenizer, mem)
+        mismatch = memory_mismatch(config, tokenizer, mem)
         if mismatch:
             raise MismatchError(mismatch)
         tensors = {k: v for k, v in tensors.items()
                    if not is_memory_tensor(k, config.engram_layer_ids)}
         tensors.update({k: v for k, v in mem.tensors.items()
                         if is_memory_tensor(k, config.engram_layer_ids)})
-    _check_tables(config, hasher, tensors, mem.path / MEMORY_FILE if mem else path)
+    check_tables(config, hasher, tensors, mem.path / MEMORY_FILE if mem else path)
     return ModelFiles(path, config, tokenizer, hasher, tensors, mem)
 
 

@@ -22,7 +22,7 @@ from engram_edit.checkpoint import (
     WEIGHTS_FILE,
     WEIGHTS_INDEX,
     ModelFiles,
-    _derived_problems,
+    derived_problems,
     is_memory_tensor,
     open_model,
     scale_name,
@@ -129,7 +129,7 @@ def _open_source(source: Path, layout: str) -> _Source:
     config = EngramConfig.from_dict(mapping.ours, source=str(source / CONFIG_FILE))
     tokenizer = EngramTokenizer.from_file(source / TOKENIZER_FILE)
     hasher = NgramHasher.for_tokenizer(config, tokenizer)
-    problems = _derived_problems(config, tokenizer, hasher, str(source / CONFIG_FILE))
+    problems = derived_problems(config, tokenizer, hasher, str(source / CONFIG_FILE))
     if problems:
         raise MismatchError(problems)
     return _Source(source, layout, raw, mapping, with_derived(config, tokenizer), tokenizer,

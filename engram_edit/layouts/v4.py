@@ -356,7 +356,7 @@ def open_model(path: str | Path, memory: str | Path | None = None):
     config, _ = open_config(path)
     tokenizer = EngramTokenizer.from_file(path / ck.TOKENIZER_FILE)
     hasher = BlockingHasher.for_tokenizer(config, tokenizer)
-    problems = ck._derived_problems(config, tokenizer, hasher, str(path / CONFIG_FILE))
+    problems = ck.derived_problems(config, tokenizer, hasher, str(path / CONFIG_FILE))
     if problems:
         raise MismatchError(problems)
     wanted = wanted_tensors(config)
@@ -371,10 +371,10 @@ def open_model(path: str | Path, memory: str | Path | None = None):
     mem = None
     if memory is not None:
         mem = ck.open_memory(memory)
-        mismatch = ck._memory_mismatch(config, tokenizer, mem)
+        mismatch = ck.memory_mismatch(config, tokenizer, mem)
         if mismatch:
             raise MismatchError(mismatch)
         tensors.update({k: v for k, v in mem.tensors.items()
                         if ck.is_memory_tensor(k, config.engram_layer_ids)})
-    ck._check_tables(config, hasher, tensors, mem.path / ck.MEMORY_FILE if mem else path)
+    ck.check_tables(config, hasher, tensors, mem.path / ck.MEMORY_FILE if mem else path)
     return ck.ModelFiles(path, config, tokenizer, hasher, tensors, mem, layout=NAME)
