@@ -546,7 +546,7 @@ class NgramIndex:
             + h.primes[layer_id].tobytes()).hexdigest()[:32]
         return cache_dir() / "index-slots" / f"{key}.npy"
 
-    def _order_slots(self, layer_id: int, order: int) -> np.ndarray:
+    def order_slots(self, layer_id: int, order: int) -> np.ndarray:
         """Slot of every indexed n-gram of ``order`` in each head's column: ``[N, heads]``.
 
         Hashing every indexed n-gram takes about a second on the bundled index, so the result
@@ -594,7 +594,7 @@ class NgramIndex:
         """(order, indices of its indexed n-grams) that read global ``row`` of a layer."""
         column, slot = self._locate(layer_id, row)
         order, head = self.hasher.column_order_head(column)
-        return order, np.flatnonzero(self._order_slots(layer_id, order)[:, head] == slot)
+        return order, np.flatnonzero(self.order_slots(layer_id, order)[:, head] == slot)
 
     def members(self, layer_id: int, row: int) -> list[tuple[tuple[int, ...], int]]:
         """(compressed ids, count) of every indexed n-gram that reads a row, most frequent
@@ -613,7 +613,7 @@ class NgramIndex:
         out: dict[int, list[tuple[tuple[int, ...], int]]] = {}
         for column, slot_rows in by_column.items():
             order, head = h.column_order_head(column)
-            slots = np.asarray(self._order_slots(layer_id, order)[:, head], np.int64)
+            slots = np.asarray(self.order_slots(layer_id, order)[:, head], np.int64)
             hit = np.flatnonzero(np.isin(slots, np.fromiter(slot_rows, np.int64)))
             counts = np.asarray(self.counts[order][hit], np.int64)
             keys = slots[hit]
@@ -667,7 +667,7 @@ class NgramIndex:
         for order in self.info.orders:
             if order > h.max_ngram:
                 continue
-            slots = self._order_slots(layer_id, order)
+            slots = self.order_slots(layer_id, order)
             counts = np.asarray(self.counts[order], np.float64)
             for j in range(h.n_heads):
                 rows = slots[:, j].astype(np.int64) + h.offsets[layer_id][h.column(order, j)]

@@ -335,7 +335,7 @@ def _pushing_ngrams(index: NgramIndex, searcher: RowSearch, model: EngramModel,
         for order in index.info.orders:
             if order > h.max_ngram:
                 continue
-            slots = index._order_slots(lid, order)
+            slots = index.order_slots(lid, order)
             push = np.zeros(len(slots))
             for j in range(h.n_heads):
                 c = h.column(order, j)
