@@ -115,6 +115,10 @@ def patch_command(
         "--skip-crowded/--no-skip-crowded", help="--rows auto with an n-gram index: leave out "
         "an n-gram's heads whose row the other n-grams use > 3x as much as the median of its "
         "other heads' (at most half of its heads).")] = True,
+    weigh_rows: Annotated[bool, typer.Option(
+        "--weigh-rows/--no-weigh-rows", help="With an n-gram index: a row costs what the "
+        "corpus reads of it (occurrences of the n-grams on it over a median row's), and the "
+        "rows change at the least total cost, so rows many n-grams read move less.")] = True,
     sharer_contexts: Annotated[int, typer.Option(
         "--sharer-contexts", metavar="N", min=0, help="distill with an n-gram index: add to "
         "each fact's locality prompts N corpus texts ending with the top n-grams that share "
@@ -198,7 +202,8 @@ def patch_command(
 
     chosen = Method(method.value)
     settings = EditSettings(method=chosen, rows=rows, measure=measure,
-                            skip_crowded=skip_crowded, sharer_contexts=sharer_contexts)
+                            skip_crowded=skip_crowded, weigh_rows=weigh_rows,
+                            sharer_contexts=sharer_contexts)
     settings.distill.seed = seed
     if steps is not None:
         settings.distill.steps = steps

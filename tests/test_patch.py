@@ -21,7 +21,7 @@ from engram_edit.edit.compute import (
     edit_facts,
     load_patch_rows,
 )
-from engram_edit.edit.distill import DistillSettings
+from engram_edit.edit.distill import DistillSettings, distill
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import (
     FactRows,
@@ -30,7 +30,7 @@ from engram_edit.edit.locate import (
     locate_rows,
     tokenize_fact,
 )
-from engram_edit.edit.overwrite import OverwriteSettings
+from engram_edit.edit.overwrite import OverwriteSettings, closed_form
 from engram_edit.edit.patch import read_patch
 from engram_edit.edit.rows import NgramOp, ngram_rows, ngram_values
 from engram_edit.eval import fact_metrics, greedy_hits, neighbour_reference
@@ -183,6 +183,54 @@ def test_the_closed_form_moves_every_fact_toward_its_target_without_steps(loaded
     report = edit_facts(files, model, facts(), settings)
     assert report.patch.metadata["method"] == "overwrite"
     assert report.after.efficacy > report.before.efficacy
+
+
+def costly_row(files, model, tokens):
+    """Row costs of 1 everywhere but on the first layer's row that the plain closed form
+    moves most: 1e6."""
+    lid = files.hasher.layer_ids[0]
+    rows = [locate_rows(t, files.tokenizer, files.hasher) for t in tokens]
+    plain = closed_form(model, tokens, [t.truth for t in tokens], rows,
+                        OverwriteSettings(norm_bound=100.0))
+    costly = max(plain[lid][0].tolist(), key=lambda r: moved(plain, model, lid, r))
+    costs = {i: np.ones(model.engram(i).embed.weight.shape[0]) for i in files.hasher.layer_ids}
+    costs[lid][costly] = 1e6
+    return rows, costs, lid, costly
+
+
+def moved(values, model, lid, row):
+    rows, new = values[lid]
+    old = model.engram(lid).embed.weight.detach()[row]
+    return float(np.linalg.norm(new[list(rows).index(row)] - old.numpy()))
+
+
+def test_the_closed_form_moves_a_costly_row_least_and_uniform_costs_change_nothing(loaded):
+    files, model = loaded
+    tokens = [tokenize_fact(f, files.tokenizer) for f in facts()[:2]]
+    truths = [t.truth for t in tokens]
+    rows, costs, lid, costly = costly_row(files, model, tokens)
+    settings = OverwriteSettings(norm_bound=100.0)
+    plain = closed_form(model, tokens, truths, rows, settings)
+    weighted = closed_form(model, tokens, truths, rows, settings, costs)
+    uniform = closed_form(model, tokens, truths, rows, settings,
+                          {i: np.full_like(c, 4.0) for i, c in costs.items()})
+    assert moved(plain, model, lid, costly) > 0
+    assert moved(weighted, model, lid, costly) < 1e-3 * moved(plain, model, lid, costly)
+    for i in files.hasher.layer_ids:
+        assert np.allclose(uniform[i][1], plain[i][1], atol=1e-5)
+        others = plain[i][0] != costly if i == lid else slice(None)
+        assert not np.allclose(weighted[i][1][others], plain[i][1][others])  # they take it up
+
+
+def test_distill_leaves_a_costly_row_nearly_still(loaded):
+    files, model = loaded
+    tokens = [tokenize_fact(f, files.tokenizer) for f in facts()[:2]]
+    rows, costs, lid, costly = costly_row(files, model, tokens)
+    free = distill(model, tokens, rows, [[] for _ in tokens], STRONG)
+    costed = distill(model, tokens, rows, [[] for _ in tokens], STRONG, row_cost=costs)
+    assert moved(free.values, model, lid, costly) > 0
+    assert moved(costed.values, model, lid, costly) < 1e-3 * moved(free.values, model, lid,
+                                                                    costly)
 
 
 def test_the_unedited_model_is_its_own_neighbourhood_reference(loaded):

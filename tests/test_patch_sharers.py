@@ -14,7 +14,7 @@ import engram_edit.edit.sharing as sharing
 from commands.main import app
 from conftest import make_tiny_model
 from engram_edit.checkpoint import load_model
-from engram_edit.edit.compute import EditSettings, edit_facts
+from engram_edit.edit.compute import ROW_COST_FLOOR, EditSettings, edit_facts, row_costs
 from engram_edit.edit.distill import DistillResult
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import (
@@ -116,6 +116,20 @@ def test_auto_leaves_out_the_crowded_head_and_keeps_the_others(indexed):
     assert spared.rows[lid].tolist() == [r for r in plain.rows[lid].tolist() if r != crowded]
     assert all(np.array_equal(spared.rows[i], plain.rows[i]) for i in h.layer_ids if i != lid)
     assert np.array_equal(literal.rows[lid], plain.rows[lid])
+
+
+def test_a_row_costs_what_the_corpus_reads_of_it_relative_to_the_median_row(indexed):
+    files, _, index, _ = indexed
+    costs = row_costs(index, files.hasher.layer_ids)
+    for lid in files.hasher.layer_ids:
+        occurrences = index.slot_loads(lid)[1]
+        assert costs[lid].shape == occurrences.shape
+        assert costs[lid].min() >= ROW_COST_FLOOR
+        busiest, typical = int(np.argmax(occurrences)), np.median(occurrences)
+        assert costs[lid][busiest] == pytest.approx(occurrences[busiest] / typical)
+        above = occurrences >= ROW_COST_FLOOR * typical  # the floor applies below this
+        order = np.argsort(occurrences[above], kind="stable")
+        assert (np.diff(costs[lid][above][order]) >= 0).all()
 
 
 def test_sharer_contexts_end_with_the_sharer(indexed):

@@ -52,6 +52,7 @@ class EditSettings:
     overwrite: OverwriteSettings = field(default_factory=OverwriteSettings)
     measure: bool = True  # measure the metric set before and after
     skip_crowded: bool = True  # rows auto, with an index: leave out crowded heads (locate.py)
+    weigh_rows: bool = True  # with an index: rows the corpus reads more move less (row_costs)
     sharer_contexts: int = 1  # distill, with an index: locality prompts per fact that end
     # with one of its top sharers (sharing.py; 0: none). README "Shared rows" has the numbers.
     heldout_windows: int = 32  # held-out windows of the heldout_loss metric
@@ -94,6 +95,22 @@ class EditReport:
     @property
     def edits_per_s(self) -> float:
         return self.facts / self.seconds if self.seconds > 0 else float("inf")
+
+
+ROW_COST_FLOOR = 0.25  # the cost of the least-read rows, relative to a median one
+
+
+def row_costs(index: NgramIndex, layer_ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per Engram layer, the cost of changing each row: the corpus occurrences of the indexed
+    n-grams that read it over the layer's median (at least ``ROW_COST_FLOOR``). A change to a
+    row shifts every one of those occurrences, so the edit's methods spread it toward rows the
+    corpus reads little."""
+    out = {}
+    for lid in layer_ids:
+        occurrences = index.slot_loads(lid)[1].astype(np.float64)
+        out[lid] = np.maximum(occurrences / max(float(np.median(occurrences)), 1.0),
+                              ROW_COST_FLOOR)
+    return out
 
 
 def load_patch_rows(model: EngramModel, patch: Patch, side: str = "after") -> None:
@@ -178,8 +195,9 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         heldout (`np.ndarray`, optional): a held-out token stream; its first half is the
             ``heldout_loss`` sample, its second half distill's locality sample.
         index (`NgramIndex`, optional): the corpus n-gram index. ``--rows auto`` then adds
-            rare final n-grams and leaves out crowded heads; the report lists each fact's
-            sharers; distill adds ``sharer_contexts`` locality prompts per fact.
+            rare final n-grams and leaves out crowded heads; with ``weigh_rows`` both methods
+            move rows by their ``row_costs``; the report lists each fact's sharers; distill
+            adds ``sharer_contexts`` locality prompts per fact.
         progress (`Callable[[EditProgress], None]`, optional): called as work proceeds.
         keep (`list[Fact]`, optional): facts edited before (``applied_facts``) that distill
             keeps solved where they share a row with these; one with the prompt of a new fact
@@ -221,6 +239,8 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         return locate_rows(t, tok, files.hasher, settings.rows, count, loads)
 
     fact_rows = [locate(t) for t in tokens]
+    costs = (row_costs(index, files.hasher.layer_ids)
+             if index is not None and settings.weigh_rows else None)
     sharing = None if index is None else facts_sharing(index, tokens, fact_rows)
     notes = []
     if settings.method is Method.DISTILL:
@@ -243,12 +263,12 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         kept = [tokenize_fact(f, tok) for f in keep or [] if f.prompt not in edited]
         kept_rows = [locate(t) for t in kept]
         result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step,
-                         list(zip(kept, kept_rows, strict=True)))
+                         list(zip(kept, kept_rows, strict=True)), costs)
         values, unsolved = result.values, result.undone
     else:
         tell(EditProgress("overwrite", 1, 1, 0, 0, len(facts)))
         truths = [tok.encode(f.truth) if f.truth is not None else None for f in facts]
-        values = closed_form(model, tokens, truths, fact_rows, settings.overwrite)
+        values = closed_form(model, tokens, truths, fact_rows, settings.overwrite, costs)
         unsolved = []
     with files.table() as table:
         patch = rows_patch(table, files.fingerprint(), values)

@@ -15,7 +15,7 @@ term are computed once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,11 +69,14 @@ class DistillResult:
 
 class _RowAdam:
     """Adam on ``[rows, width]`` tensors that steps only the rows it is told are moving
-    (each row keeps its own step count for the bias correction)."""
+    (each row keeps its own step count for the bias correction); ``lr`` is a tensor
+    ``[rows, 1]`` per parameter when rows have step sizes of their own."""
 
-    def __init__(self, params: dict[int, torch.Tensor], lr: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+    def __init__(self, params: dict[int, torch.Tensor], lr: dict[int, torch.Tensor] | float,
+                 betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.betas, self.eps = params, betas, eps
+        self.lr = lr if isinstance(lr, dict) else {
+            k: torch.full((len(p), 1), lr, device=p.device) for k, p in params.items()}
         self.m = {k: torch.zeros_like(p) for k, p in params.items()}
         self.v = {k: torch.zeros_like(p) for k, p in params.items()}
         self.t = {k: torch.zeros(len(p), 1, device=p.device) for k, p in params.items()}
@@ -92,7 +95,7 @@ class _RowAdam:
             t = self.t[k][rows]
             m_hat = self.m[k][rows] / (1 - b1 ** t)
             v_hat = self.v[k][rows] / (1 - b2 ** t)
-            p[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            p[rows] -= self.lr[k][rows] * m_hat / (v_hat.sqrt() + self.eps)
 
 
 class _Sequences:
@@ -298,7 +301,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                  keep: list[FactTokens], touched: dict[int, torch.Tensor],
                  locality: _Locality, bounds: dict[int, float], settings: DistillSettings,
                  report: Callable[[int, int], None],
-                 start: dict[int, torch.Tensor] | None = None
+                 start: dict[int, torch.Tensor] | None = None,
+                 row_cost: Mapping[int, np.ndarray] | None = None
                  ) -> tuple[dict[int, torch.Tensor], int, list[bool]]:
     """Deltas on ``touched`` rows that solve ``tokens`` (and keep ``keep`` solved); ``rows``:
     the FactRows of both, a kept fact being repaired through its own rows.
@@ -320,7 +324,10 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
     deltas = {lid: (start[lid].clone() if start else torch.zeros_like(w)).requires_grad_(True)
               for lid, w in weights.items()}
     checked = {lid: torch.zeros_like(w) for lid, w in weights.items()}  # deltas at the check
-    adam = _RowAdam(deltas, settings.lr, eps=settings.adam_eps)
+    step_size = settings.lr if row_cost is None else {
+        lid: settings.lr / torch.from_numpy(row_cost[lid][t.cpu().numpy()]).float()[:, None]
+        .to(device) for lid, t in touched.items()}
+    adam = _RowAdam(deltas, step_size, eps=settings.adam_eps)
     # a fact whose sequence reads none of the rows the batch may move cannot be helped
     movable = seqs.reading({lid: m.any(0) for lid, m in owned.items()})[:n]
     unsolved = torch.zeros(n, dtype=torch.bool)
@@ -393,13 +400,13 @@ def _rows_read(model: EngramModel, tokens: list[FactTokens]) -> list[dict[int, n
 
 
 def _warm_start(model: EngramModel, tokens: list[FactTokens], rows: list[FactRows],
-                touched: dict[int, torch.Tensor], settings: DistillSettings
-                ) -> dict[int, torch.Tensor]:
+                touched: dict[int, torch.Tensor], settings: DistillSettings,
+                row_cost: Mapping[int, np.ndarray] | None = None) -> dict[int, torch.Tensor]:
     """Deltas on ``touched`` from overwrite's closed form: one linearized solve that puts
     most facts at or near their margin before the first Adam step."""
     values = closed_form(model, tokens, [t.truth for t in tokens], rows,
                          OverwriteSettings(margin=settings.warm_margin,
-                                           norm_bound=settings.norm_bound))
+                                           norm_bound=settings.norm_bound), row_cost)
     out = {}
     for lid, (r, v) in values.items():
         t = touched[lid]
@@ -414,7 +421,8 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
             locality: list[list[list[int]]], settings: DistillSettings,
             heldout: np.ndarray | None = None,
             progress: Callable[[DistillProgress], None] | None = None,
-            keep: list[tuple[FactTokens, FactRows]] = ()) -> DistillResult:
+            keep: list[tuple[FactTokens, FactRows]] = (),
+            row_cost: Mapping[int, np.ndarray] | None = None) -> DistillResult:
     """New values of every touched row, batch by batch.
 
     Each batch optimizes the deltas of its facts' rows with Adam so that every fact's target
@@ -434,6 +442,9 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
         heldout (`np.ndarray`, optional): a held-out token stream for the locality term.
         progress (`Callable[[DistillProgress], None]`, optional): called after every step.
         keep (`list[tuple[FactTokens, FactRows]]`, optional): facts to keep solved.
+        row_cost (`Mapping[int, np.ndarray]`, optional): per layer, the cost of changing each
+            row: the warm start minimizes the cost-weighted norm, and Adam's step on a row is
+            ``lr / cost``.
 
     Returns:
         `DistillResult`: per layer the sorted touched rows and their new float32 values.
@@ -471,10 +482,11 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
                     [fact_rows[i].rows[lid] for i in batch + shared]))).to(device)
                     for lid in layer_ids}
             start = _warm_start(model, [tokens[i] for i in batch], [fact_rows[i] for i in batch],
-                                touched, settings) if settings.warm_start else None
+                                touched, settings, row_cost) if settings.warm_start else None
             deltas, n_steps, done = _solve_batch(
                 model, [tokens[i] for i in batch], [fact_rows[i] for i in batch + shared],
-                [tokens[i] for i in shared], touched, loc, bounds, settings, report, start)
+                [tokens[i] for i in shared], touched, loc, bounds, settings, report, start,
+                row_cost)
             steps.append(n_steps)
             undone += [i for i, ok in zip(batch, done, strict=True) if not ok]
             solved += [i for i, ok in zip(batch, done, strict=True) if ok]

@@ -9,11 +9,14 @@ LM head included) give each fact's gradient g_i of f_i with respect to its own r
 apart per fact. Linearized, f_i moves by g_i . delta. The minimum-norm delta over all touched
 rows that moves every fact to its wanted margin m_i solves ``(G G^T + eps I) a = m - f``,
 ``delta = G^T a`` (eps relative to each fact's own diagonal entry): facts that share a row are
-solved jointly through G G^T, and a fact already past its margin asks for no change.
+solved jointly through G G^T, and a fact already past its margin asks for no change. With a
+cost c_r per row, the delta of least sum c_r ||delta_r||^2 is taken instead: G's entries on
+row r are scaled by c_r^-1/2 in the solve and the step by 1/c_r.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +101,8 @@ def _margins(model: EngramModel, tokens: list[FactTokens], truths: list[list[int
 
 
 def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[int] | None],
-                fact_rows: list[FactRows], settings: OverwriteSettings
+                fact_rows: list[FactRows], settings: OverwriteSettings,
+                row_cost: Mapping[int, np.ndarray] | None = None
                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """New values of every touched row by the closed form of the module docstring.
 
@@ -108,6 +112,9 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
         truths (`list[list[int] | None]`): each fact's ground-truth answer ids, or None.
         fact_rows (`list[FactRows]`): each fact's rows (locate.locate_rows).
         settings (`OverwriteSettings`): margins, iterations, ridge, norm bound.
+        row_cost (`Mapping[int, np.ndarray]`, optional): per layer, the cost of changing each
+            row (indexed by row id); the solve minimizes sum cost_r ||delta_r||^2 instead of
+            the plain norm, so costly rows move less.
 
     Returns:
         `dict[int, tuple[np.ndarray, np.ndarray]]`: layer -> (sorted rows, float32 values).
@@ -117,7 +124,7 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
     bounds = layer_norm_bounds(model, settings.norm_bound)
     wanted = torch.tensor([settings.margin if t is not None else settings.target_logprob
                            for t in truths], device=device)
-    touched, keys, index = {}, {}, {}
+    touched, keys, index, scale = {}, {}, {}, {}
     for lid in layer_ids:
         n_rows = model.engram(lid).embed.weight.shape[0]
         per_fact = [fr.rows[lid] for fr in fact_rows]
@@ -125,6 +132,8 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
         k = np.concatenate([i * n_rows + r for i, r in enumerate(per_fact)])
         keys[lid] = torch.from_numpy(k).to(device)  # sorted: facts in order, rows sorted
         index[lid] = torch.from_numpy(np.searchsorted(touched[lid], k % n_rows)).to(device)
+        cost = np.ones(len(k)) if row_cost is None else row_cost[lid][k % n_rows]
+        scale[lid] = torch.from_numpy(1.0 / cost).float().to(device)[:, None]
     shared = {lid: torch.zeros(len(touched[lid]), model.engram(lid).embed.weight.shape[1],
                                device=device) for lid in layer_ids}
     owners = {lid: torch.from_numpy(np.concatenate(
@@ -138,13 +147,14 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
         gram = torch.zeros(len(tokens), len(tokens), device=device)
         for lid in layer_ids:
             if len(index[lid]):
-                gram += _gram(deltas[lid].grad, owners[lid], index[lid], len(tokens))
+                gram += _gram(deltas[lid].grad * scale[lid].sqrt(), owners[lid], index[lid],
+                              len(tokens))
         # relative to each fact's own curvature, so a fact with small gradients still moves
         damping = settings.ridge * gram.diagonal().clamp_min(1e-12)
         a = torch.linalg.solve(gram + torch.diag(damping), need)
         for lid in layer_ids:
             step = torch.zeros_like(shared[lid]).index_add(
-                0, index[lid], deltas[lid].grad * a[owners[lid]][:, None])
+                0, index[lid], deltas[lid].grad * scale[lid] * a[owners[lid]][:, None])
             shared[lid] = shared[lid] + step
             weight = model.engram(lid).embed.weight.detach()[torch.from_numpy(touched[lid])]
             shared[lid] = clip_rows(weight + shared[lid], bounds[lid]) - weight
