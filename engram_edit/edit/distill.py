@@ -69,14 +69,12 @@ class DistillResult:
 
 class _RowAdam:
     """Adam on ``[rows, width]`` tensors that steps only the rows it is told are moving
-    (each row keeps its own step count for the bias correction); ``lr`` is a tensor
-    ``[rows, 1]`` per parameter when rows have step sizes of their own."""
+    (each row keeps its own step count for the bias correction), each row with its own step
+    size (``lr``: a ``[rows, 1]`` tensor per parameter)."""
 
-    def __init__(self, params: dict[int, torch.Tensor], lr: dict[int, torch.Tensor] | float,
+    def __init__(self, params: dict[int, torch.Tensor], lr: dict[int, torch.Tensor],
                  betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.betas, self.eps = params, betas, eps
-        self.lr = lr if isinstance(lr, dict) else {
-            k: torch.full((len(p), 1), lr, device=p.device) for k, p in params.items()}
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.m = {k: torch.zeros_like(p) for k, p in params.items()}
         self.v = {k: torch.zeros_like(p) for k, p in params.items()}
         self.t = {k: torch.zeros(len(p), 1, device=p.device) for k, p in params.items()}
@@ -324,10 +322,11 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
     deltas = {lid: (start[lid].clone() if start else torch.zeros_like(w)).requires_grad_(True)
               for lid, w in weights.items()}
     checked = {lid: torch.zeros_like(w) for lid, w in weights.items()}  # deltas at the check
-    step_size = settings.lr if row_cost is None else {
-        lid: settings.lr / torch.from_numpy(row_cost[lid][t.cpu().numpy()]).float()[:, None]
-        .to(device) for lid, t in touched.items()}
-    adam = _RowAdam(deltas, step_size, eps=settings.adam_eps)
+    cost = {lid: torch.ones(len(t), 1) if row_cost is None else
+            torch.from_numpy(row_cost[lid][t.cpu().numpy()]).float()[:, None]
+            for lid, t in touched.items()}
+    adam = _RowAdam(deltas, {lid: (settings.lr / c).to(device) for lid, c in cost.items()},
+                    eps=settings.adam_eps)
     # a fact whose sequence reads none of the rows the batch may move cannot be helped
     movable = seqs.reading({lid: m.any(0) for lid, m in owned.items()})[:n]
     unsolved = torch.zeros(n, dtype=torch.bool)
