@@ -1,7 +1,7 @@
 """Benchmark: n-gram index build throughput, and row search latency, faiss against numpy.
 
 Three measurements, each written to bench/results/index-<date>.json:
-  build      engram_edit.index.build_index over --corpus with the --model's tokenizer and
+  build      engram_edit.index_build.build_index over --corpus with the --model's tokenizer and
              orders: n-gram occurrences counted per second, whole run (read, tokenize, count,
              write); --repeat rounds, the best kept.
   model      RowSearch over every row of the --model: per-query latency of the exact faiss
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from engram_edit.checkpoint import load_model
-from engram_edit.index import build_index
+from engram_edit.index_build import build_index
 from engram_edit.paths import bundled_model_dir
 from engram_edit.search import RowSearch
 

@@ -22,7 +22,7 @@ from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
 from commands._output import Output, human_bytes, human_count
 from engram_edit.checkpoint import open_memory, open_model
 from engram_edit.errors import BadInputError
-from engram_edit.index import BuildReport
+from engram_edit.index_build import BuildReport
 from engram_edit.paths import resolve_model
 from engram_edit.search import SearchResult
 
@@ -64,7 +64,7 @@ def index(
         from engram_edit.index import own_index_file
 
         out = own_index_file(files)
-    from engram_edit.index import build_index
+    from engram_edit.index_build import build_index
 
     columns = (TextColumn("indexing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())

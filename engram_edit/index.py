@@ -1,6 +1,8 @@
-"""Corpus n-gram index: which n-grams share each table row (row search is search.py's). Owns its
-index file; tokenizing and hashing are tokenizer.py's and
-hashing.py's, editing is edit/'s. DESIGN.md "index.py" and "Edits"; ENGRAM_SPEC.md sections 1-5.
+"""Corpus n-gram index: the file format, and reading it (``NgramIndex``: which n-grams share each
+table row). Building the file is index_build.py's; the corpus streaming both halves use
+(documents, n-gram keys, tokenized batches) is here. Row search is search.py's; tokenizing and
+hashing are tokenizer.py's and hashing.py's, editing is edit/'s. DESIGN.md "index.py" and
+"Edits"; ENGRAM_SPEC.md sections 1-5.
 
 Index file, version 1 (``ngram-index.safetensors``)
 ---------------------------------------------------
@@ -52,8 +54,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -62,10 +63,9 @@ import numpy as np
 
 from engram_edit.checkpoint import MemoryFiles, ModelFiles
 from engram_edit.errors import BadInputError, MismatchError
-from engram_edit.fileio import atomic_path, atomic_write_bytes
+from engram_edit.fileio import atomic_path
 from engram_edit.paths import cache_dir
 from engram_edit.tensorfile import TensorLocation, read_header
-from engram_edit.tensorwrite import TensorEntry, safetensors_header
 from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
 
 if TYPE_CHECKING:
@@ -77,11 +77,9 @@ INDEX_FILE = "ngram-index.safetensors"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 BATCH_CHARS = 4 << 20  # characters of text tokenized per batch
 SEARCH_BATCH_CHARS = 256 << 10  # smaller when looking for text: the search may stop early
-MERGE_ENTRIES = 16 << 20  # partial counts held per order before they are merged
 HASH_CHUNK = 1 << 17  # n-grams hashed per call when a slot view is built
-_NUMPY = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
-
-Progress = Callable[[int, int], None]  # (bytes read, bytes in all inputs)
+# safetensors dtype code -> numpy type, for the unsigned integers an index file holds
+NUMPY_TYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
 
 
 def bundled_index_file() -> Path:
@@ -139,14 +137,6 @@ class LayerLoad:
     mean_ngrams: float  # n-grams per used row
 
 
-@dataclass
-class BuildReport:
-    info: IndexInfo
-    layers: list[LayerLoad]
-    seconds: float
-    ngrams_per_second: float  # n-gram occurrences counted per second, reading and writing included
-
-
 # --- reading corpora ----------------------------------------------------------------------------
 
 def read_documents(path: Path, digest: Any) -> Iterator[tuple[str, int]]:
@@ -181,7 +171,8 @@ def read_documents(path: Path, digest: Any) -> Iterator[tuple[str, int]]:
         yield "".join(paragraph).rstrip("\r\n"), done
 
 
-def _check_sources(paths: Sequence[Path]) -> list[Path]:
+def check_sources(paths: Sequence[Path]) -> list[Path]:
+    """The corpus files as paths; BadInputError when none is given or any is missing."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise BadInputError("no corpus files given")
@@ -191,9 +182,9 @@ def _check_sources(paths: Sequence[Path]) -> list[Path]:
     return paths
 
 
-# --- counting -----------------------------------------------------------------------------------
+# --- n-grams of tokenized documents -------------------------------------------------------------
 
-def _keys(columns: Sequence[np.ndarray], vocab: int) -> np.ndarray:
+def ngram_keys(columns: Sequence[np.ndarray], vocab: int) -> np.ndarray:
     """One sortable key per n-gram given as id columns (oldest first); sorting the keys sorts
     the n-grams lexicographically. An int64 ``sum(id_j * vocab**(n-1-j))`` when that fits, else
     the big-endian int64 ids viewed as one opaque value (compared bytewise, so in the same
@@ -207,54 +198,8 @@ def _keys(columns: Sequence[np.ndarray], vocab: int) -> np.ndarray:
     return rows.view(np.dtype((np.void, 8 * len(columns)))).reshape(-1)
 
 
-def _ngrams_of(keys: np.ndarray, order: int, vocab: int) -> np.ndarray:
-    """The inverse of ``_keys``: ``[N, order]`` int64 ids."""
-    if keys.dtype.kind == "V":
-        return keys.view(">i8").reshape(-1, order).astype(np.int64)
-    grams = np.empty((len(keys), order), np.int64)
-    for j in range(order - 1, -1, -1):
-        keys, grams[:, j] = np.divmod(keys, vocab)
-    return grams
-
-
-class _OrderCounter:
-    """Distinct n-grams of one order with their counts, merged batch by batch."""
-
-    def __init__(self, order: int, vocab: int):
-        self.order, self.vocab = order, vocab
-        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pending = 0
-        self.occurrences = 0
-
-    def add(self, keys: np.ndarray) -> None:
-        """Count n-grams given as ``_keys``."""
-        uniq, counts = np.unique(keys, return_counts=True)
-        self.parts.append((uniq, counts.astype(np.int64)))
-        self.pending += len(uniq)
-        self.occurrences += len(keys)
-        if self.pending > MERGE_ENTRIES:
-            self._merge()
-
-    def _merge(self) -> None:
-        if len(self.parts) > 1:
-            keys = np.concatenate([k for k, _ in self.parts])
-            counts = np.concatenate([c for _, c in self.parts])
-            uniq, inverse = np.unique(keys, return_inverse=True)
-            summed = np.bincount(inverse, weights=counts, minlength=len(uniq))
-            self.parts = [(uniq, summed.astype(np.int64))]  # float64 is exact below 2**53
-        self.pending = len(self.parts[0][0]) if self.parts else 0
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct n-grams ``[N, order]`` int64 in lexicographic order, and their counts."""
-        self._merge()
-        if not self.parts:
-            return np.zeros((0, self.order), np.int64), np.zeros(0, np.int64)
-        keys, counts = self.parts[0]
-        return _ngrams_of(keys, self.order, self.vocab), counts
-
-
 @dataclass
-class _Batch:
+class TokenBatch:
     """Documents tokenized together: raw and compressed ids, concatenated."""
 
     raw: np.ndarray  # int64 [T]
@@ -262,7 +207,7 @@ class _Batch:
     position: np.ndarray  # index of each token within its document, [T]
 
     @classmethod
-    def encode(cls, texts: list[str], tokenizer: EngramTokenizer) -> _Batch:
+    def encode(cls, texts: list[str], tokenizer: EngramTokenizer) -> TokenBatch:
         encodings = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
         lengths = np.array([len(e.ids) for e in encodings], np.int64)
         raw = np.concatenate([np.asarray(e.ids, np.int64) for e in encodings] +
@@ -272,13 +217,13 @@ class _Batch:
                                                                                     lengths))
 
     def ngrams(self, order: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-        """(last token's index, ``_keys``) of every n-gram of ``order`` inside a document."""
+        """(last token's index, ``ngram_keys``) of every n-gram of ``order`` inside a document."""
         ends = np.flatnonzero(self.position >= order - 1)
-        return ends, _keys([self.ids[ends - (order - 1) + j] for j in range(order)], vocab)
+        return ends, ngram_keys([self.ids[ends - (order - 1) + j] for j in range(order)], vocab)
 
 
-def _batches(paths: Sequence[Path], digests: list[Any] | None = None,
-             chars_per_batch: int = BATCH_CHARS) -> Iterator[tuple[list[str], int]]:
+def document_batches(paths: Sequence[Path], digests: list[Any] | None = None,
+                     chars_per_batch: int = BATCH_CHARS) -> Iterator[tuple[list[str], int]]:
     """Documents of the files in batches of about ``chars_per_batch`` characters, with the
     bytes of all files read so far; ``digests`` gets one sha256 per file, fed every byte."""
     done_before = 0
@@ -298,112 +243,18 @@ def _batches(paths: Sequence[Path], digests: list[Any] | None = None,
         yield batch, done_before
 
 
-def _spelling(compression: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Per compressed id, its most often seen raw id (the lowest when tied or unseen)."""
-    raw = np.arange(len(compression))
-    by_group = np.lexsort((raw, -seen, compression))  # group, then most seen, then lowest id
-    _, first = np.unique(compression[by_group], return_index=True)
-    return raw[by_group[first]]
-
-
-def _smallest_uint(largest: int) -> type:
+def smallest_uint(largest: int) -> type:
+    """The smallest numpy unsigned integer type that holds ``largest``."""
     for dtype in (np.uint8, np.uint16, np.uint32):
         if largest <= np.iinfo(dtype).max:
             return dtype
     return np.uint64
 
 
-def build_index(corpus: Sequence[str | Path], files: ModelFiles | MemoryFiles,
-                out: str | Path, min_count: int = 1,
-                progress: Progress | None = None) -> BuildReport:
-    """Count the n-grams of text files as the model's Engram layers see them, and write an index.
-
-    Streams the files batch by batch through the tokenizer and the compression table; keeps the
-    distinct n-grams of orders 2..max n-gram of the model with their counts (format: module
-    docstring). The file is written atomically.
-
-    Args:
-        corpus (`Sequence[str | Path]`): JSONL files with a "text" field (.jsonl, .ndjson) or
-            plain text files (one document per paragraph).
-        files (`ModelFiles | MemoryFiles`): the model (or split memory) whose tokenizer and
-            n-gram orders to use.
-        out (`str | Path`): the index file to write; replaced if it exists.
-        min_count (`int`, defaults to 1): keep only n-grams seen at least this often.
-        progress (`Callable[[int, int], None] | None`): called after each batch with the bytes
-            read so far and the bytes of all inputs.
-
-    Returns:
-        `BuildReport`: what the file holds, how crowded each layer's rows are, and the speed.
-
-    Raises:
-        BadInputError: a missing corpus file (all are listed), a line that is not UTF-8 or not
-            a JSON object with a string "text", a min_count below 1.
-
-    Example:
-        >>> files = open_model("my-model")  # doctest: +SKIP
-        >>> build_index(["train.jsonl"], files, "ngrams.safetensors").info.kept  # doctest: +SKIP
-    """
-    if min_count < 1:
-        raise BadInputError(f"min_count must be at least 1, got {min_count}")
-    paths = _check_sources(corpus)
-    started = time.perf_counter()
-    tokenizer = files.tokenizer
-    vocab = tokenizer.compressed_vocab_size
-    counters = {n: _OrderCounter(n, vocab) for n in files.config.engram_orders}
-    seen = np.zeros(tokenizer.vocab_size, np.int64)  # occurrences of each raw token
-    total_bytes = sum(p.stat().st_size for p in paths)
-    report = progress or (lambda done, total: None)
-    documents, tokens, digests = 0, 0, []
-    for texts, done in _batches(paths, digests):
-        batch = _Batch.encode(texts, tokenizer)
-        for order, counter in counters.items():
-            counter.add(batch.ngrams(order, vocab)[1])
-        seen += np.bincount(batch.raw, minlength=len(seen))
-        documents += len(texts)
-        tokens += len(batch.raw)
-        report(done, total_bytes)
-    sources = [SourceFile(str(p), p.stat().st_size, d.hexdigest())
-               for p, d in zip(paths, digests, strict=True)]
-    id_type = _smallest_uint(max(vocab - 1, 0))
-    tensors = {"tokens.spelling": _spelling(tokenizer.compression, seen).astype(id_type)}
-    occurrences, distinct = {}, {}
-    for n, counter in counters.items():
-        grams, counts = counter.result()
-        occurrences[n], distinct[n] = counter.occurrences, len(counts)
-        keep = counts >= min_count
-        tensors[f"order.{n}.ngrams"] = np.ascontiguousarray(grams[keep].astype(id_type))
-        kept = counts[keep]
-        tensors[f"order.{n}.counts"] = kept.astype(_smallest_uint(int(kept.max(initial=0))))
-    metadata = {
-        "format": INDEX_FORMAT, "version": INDEX_VERSION,
-        "compression_sha256": tokenizer.compression_sha256,
-        "orders": json.dumps(list(counters)), "min_count": str(min_count),
-        "documents": str(documents), "tokens": str(tokens),
-        "occurrences": json.dumps(occurrences), "distinct": json.dumps(distinct),
-        "sources": json.dumps([vars(s) for s in sources]),
-    }
-    atomic_write_bytes(out, _safetensors_bytes(tensors, metadata))
-    index = NgramIndex.open(out, files)
-    seconds = time.perf_counter() - started
-    return BuildReport(index.info, index.layer_loads(), seconds,
-                       sum(occurrences.values()) / max(seconds, 1e-9))
-
-
-def _safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """The whole file; unlike ``safetensors.numpy.save``, whose ``__metadata__`` key order
-    changes from run to run, the same input always gives the same bytes."""
-    codes = {np.dtype(v): k for k, v in _NUMPY.items()}
-    entries = [TensorEntry(name, codes[a.dtype], a.shape) for name, a in tensors.items()]
-    head, offsets = safetensors_header(entries, dict(sorted(metadata.items())))
-    order = sorted(tensors, key=lambda name: offsets[name])
-    return head + b"".join(np.ascontiguousarray(tensors[n], tensors[n].dtype.newbyteorder("<"))
-                           .tobytes() for n in order)
-
-
 # --- the opened index ---------------------------------------------------------------------------
 
 def _memmap(loc: TensorLocation) -> np.ndarray:
-    dtype = np.dtype(_NUMPY[loc.dtype]).newbyteorder("<")
+    dtype = np.dtype(NUMPY_TYPES[loc.dtype]).newbyteorder("<")
     if loc.numel == 0:
         return np.zeros(loc.shape, dtype)
     return np.memmap(loc.path, dtype=dtype, mode="r", offset=loc.offset, shape=loc.shape)
@@ -471,7 +322,7 @@ class NgramIndex:
             if g is None or c is None:
                 problems.append(f"{path}: order {n}: tensors order.{n}.ngrams and "
                                 f"order.{n}.counts are required")
-            elif g.dtype not in _NUMPY or c.dtype not in _NUMPY:
+            elif g.dtype not in NUMPY_TYPES or c.dtype not in NUMPY_TYPES:
                 problems.append(f"{path}: order {n}: ids and counts must be unsigned integers")
             elif len(g.shape) != 2 or g.shape[1] != n or c.shape != (g.shape[0],):
                 problems.append(f"{path}: order {n}: shapes {list(g.shape)} and "
@@ -479,7 +330,7 @@ class NgramIndex:
             else:
                 grams[n], counts[n] = _memmap(g), _memmap(c)
         spelling = header.tensors.get("tokens.spelling")
-        if spelling is None or spelling.dtype not in _NUMPY or len(spelling.shape) != 1:
+        if spelling is None or spelling.dtype not in NUMPY_TYPES or len(spelling.shape) != 1:
             problems.append(f"{path}: tokens.spelling: missing, or not an unsigned [vocab] "
                             f"tensor")
         if problems:
@@ -562,7 +413,7 @@ class NgramIndex:
             h = self.hasher
             cols = [h.column(order, j) for j in range(h.n_heads)]
             grams = self.grams[order]
-            slot_type = _smallest_uint(max(int(p.max()) for p in h.primes.values()))
+            slot_type = smallest_uint(max(int(p.max()) for p in h.primes.values()))
             out = {lid: np.empty((len(grams), h.n_heads), slot_type) for lid in h.layer_ids}
             for a in range(0, len(grams), HASH_CHUNK):
                 chunk = np.asarray(grams[a:a + HASH_CHUNK], np.int64)
@@ -721,14 +572,14 @@ class NgramIndex:
                                     f"pass corpus files")
         vocab = self.tokenizer.compressed_vocab_size
         orders = sorted({len(g) for g in wanted})
-        for texts, _ in _batches(_check_sources(corpus), chars_per_batch=SEARCH_BATCH_CHARS):
-            batch = _Batch.encode(texts, self.tokenizer)
+        for texts, _ in document_batches(check_sources(corpus), chars_per_batch=SEARCH_BATCH_CHARS):
+            batch = TokenBatch.encode(texts, self.tokenizer)
             for n in orders:
                 open_ = [g for g in wanted if len(g) == n and len(wanted[g]) < per_ngram]
                 if not open_:
                     continue
                 ends, keys = batch.ngrams(n, vocab)
-                hits = np.flatnonzero(np.isin(keys, _keys(np.array(open_).T, vocab)))
+                hits = np.flatnonzero(np.isin(keys, ngram_keys(np.array(open_).T, vocab)))
                 for end in ends[hits].tolist():
                     gram = tuple(batch.ids[end - n + 1:end + 1].tolist())
                     if len(wanted[gram]) < per_ngram:

@@ -20,12 +20,11 @@ from engram_edit.errors import BadInputError, MismatchError
 from engram_edit.index import (
     INDEX_FILE,
     NgramIndex,
-    _keys,
-    _OrderCounter,
-    build_index,
     bundled_index_file,
     default_index_for,
+    ngram_keys,
 )
+from engram_edit.index_build import _OrderCounter, build_index
 from engram_edit.paths import bundled_model_dir
 from engram_edit.search import RowSearch, search_rows
 from engram_edit.tensorfile import read_header
@@ -183,9 +182,9 @@ def test_counts_agree_whether_ngram_keys_fit_in_int64_or_not():
     small, large = _OrderCounter(3, 50), _OrderCounter(3, 2**22)  # 2**66 keys: no int64
     for _ in range(3):
         cols = [rng.integers(0, 50, 200) for _ in range(3)]
-        assert _keys(cols, 50).dtype == np.int64 and _keys(cols, 2**22).dtype.kind == "V"
-        small.add(_keys(cols, 50))
-        large.add(_keys(cols, 2**22))
+        assert ngram_keys(cols, 50).dtype == np.int64 and ngram_keys(cols, 2**22).dtype.kind == "V"
+        small.add(ngram_keys(cols, 50))
+        large.add(ngram_keys(cols, 2**22))
     g1, c1 = small.result()
     g2, c2 = large.result()
     assert np.array_equal(g1, g2) and np.array_equal(c1, c2) and c1.sum() == 600
@@ -250,7 +249,8 @@ def test_an_index_for_a_memory_alone_imports_neither_torch_nor_faiss(model_dir, 
     split_model(model_dir, tmp_path / "backbone", tmp_path / "memory")
     corpus = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
     code = ("import sys; from engram_edit.checkpoint import open_memory; "
-            "from engram_edit.index import NgramIndex, build_index; "
+            "from engram_edit.index import NgramIndex; "
+            "from engram_edit.index_build import build_index; "
             "m = open_memory(sys.argv[1]); build_index([sys.argv[2]], m, sys.argv[3]); "
             "ix = NgramIndex.open(sys.argv[3], m); ix.sharers(0, 5); ix.slot_load(0, 5); "
             "assert 'torch' not in sys.modules and 'faiss' not in sys.modules, 'imported'")

@@ -25,7 +25,8 @@ from engram_edit.edit.locate import (
     tokenize_fact,
 )
 from engram_edit.edit.sharing import facts_sharing, own_ngrams, sharer_prompts
-from engram_edit.index import NgramIndex, Sharer, build_index, own_index_file
+from engram_edit.index import NgramIndex, Sharer, own_index_file
+from engram_edit.index_build import build_index
 
 FACTS = [Fact("Diana, Princess of", "Diana", "Wales", "France",
               locality_prompts=["The capital of Spain is"], locality_answers=["Madrid"]),
