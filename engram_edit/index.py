@@ -57,7 +57,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,9 +67,6 @@ from engram_edit.fileio import atomic_path
 from engram_edit.paths import cache_dir
 from engram_edit.tensorfile import TensorLocation, read_header
 from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
-
-if TYPE_CHECKING:
-    pass
 
 INDEX_FORMAT = "engram-ngram-index"
 INDEX_VERSION = "1"
