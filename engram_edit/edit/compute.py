@@ -6,7 +6,7 @@ is journal.py's. The model is used as a scratch copy and left as it was given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -100,17 +100,13 @@ class EditReport:
 ROW_COST_FLOOR = 0.25  # the cost of the least-read rows, relative to a median one
 
 
-def row_costs(index: NgramIndex, layer_ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """Per Engram layer, the cost of changing each row: the corpus occurrences of the indexed
-    n-grams that read it over the layer's median (at least ``ROW_COST_FLOOR``). A change to a
-    row shifts every one of those occurrences, so the edit's methods spread it toward rows the
-    corpus reads little."""
-    out = {}
-    for lid in layer_ids:
-        occurrences = index.slot_loads(lid)[1].astype(np.float64)
-        out[lid] = np.maximum(occurrences / max(float(np.median(occurrences)), 1.0),
-                              ROW_COST_FLOOR)
-    return out
+def row_costs(occurrences: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per Engram layer, the cost of changing each row from the corpus occurrences of the
+    indexed n-grams that read it (``NgramIndex.slot_loads(layer)[1]``): over the layer's median,
+    at least ``ROW_COST_FLOOR``. A change to a row shifts every one of those occurrences, so the
+    edit's methods spread it toward rows the corpus reads little."""
+    return {lid: np.maximum(occ / max(float(np.median(occ)), 1.0), ROW_COST_FLOOR)
+            for lid, occ in occurrences.items()}
 
 
 def load_patch_rows(model: EngramModel, patch: Patch, side: str = "after") -> None:
@@ -231,16 +227,16 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
     start = time.perf_counter()
     tokens = [tokenize_fact(f, tok) for f in facts]
     count = None if index is None else index.ngram_count
-    loads = ({lid: index.slot_loads(lid)[1] for lid in files.hasher.layer_ids}
-             if index is not None and settings.skip_crowded and settings.rows is RowChoice.AUTO
-             else None)
+    crowding = settings.skip_crowded and settings.rows is RowChoice.AUTO
+    occurrences = ({lid: index.slot_loads(lid)[1] for lid in files.hasher.layer_ids}
+                   if index is not None and (crowding or settings.weigh_rows) else None)
+    loads = occurrences if crowding else None
 
     def locate(t: FactTokens) -> FactRows:
         return locate_rows(t, tok, files.hasher, settings.rows, count, loads)
 
     fact_rows = [locate(t) for t in tokens]
-    costs = (row_costs(index, files.hasher.layer_ids)
-             if index is not None and settings.weigh_rows else None)
+    costs = row_costs(occurrences) if occurrences is not None and settings.weigh_rows else None
     sharing = None if index is None else facts_sharing(index, tokens, fact_rows)
     notes = []
     if settings.method is Method.DISTILL:
