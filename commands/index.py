@@ -9,17 +9,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from commands._options import DeviceOpt, JsonOpt, MemoryOpt, ModelOpt
-from commands._output import Output, human_bytes, human_count
+from commands._output import Output, byte_progress, human_bytes, human_count
 from engram_edit.checkpoint import open_memory, open_model
 from engram_edit.errors import BadInputError
 from engram_edit.index_build import BuildReport
@@ -65,14 +57,11 @@ def index(
 
         out = own_index_file(files)
     from engram_edit.index_build import build_index
+    from engram_edit.tensorwrite import CopyProgress
 
-    columns = (TextColumn("indexing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=output.err, transient=True, disable=json) as bar:
-        task = bar.add_task("index", total=None)
+    with byte_progress(output, "indexing") as update:
         report = build_index(corpus, files, out, min_count=min_count,
-                             progress=lambda done, total: bar.update(task, completed=done,
-                                                                     total=total))
+                             progress=lambda done, total: update(CopyProgress(done, total, "")))
     output.result(asdict(report), lambda console: _render_index(console, report, output))
 
 

@@ -1,8 +1,9 @@
 """The output files of import and export: where each tensor's bytes come from, and a writer
 that keeps a source file's header byte for byte.
 
-Byte sources are split.py's (a TensorLocation to copy, or a producer of chunks); this module adds
-the ones the layouts' rules need and never holds more than a chunk. Used by interop.py.
+Byte sources are tensorwrite.py's (a TensorLocation to copy, or a producer of chunks); this
+module adds the ones the layouts' rules need and never holds more than a chunk. Used by
+interop.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engram_edit.tensorfile import TensorLocation, pread_into, pwrite_all
 from engram_edit.tensorwrite import (
     CHUNK_BYTES,
     CopyProgress,
+    Meter,
     Producer,
     ProgressFn,
     Source,
@@ -71,20 +73,8 @@ def fp8_rows(table: MemoryTable, layer: int, part: str) -> Producer:
     return produce
 
 
-class _Progress:
-    """One progress scale over every file written."""
-
-    def __init__(self, total: int, progress: ProgressFn | None) -> None:
-        self.done, self.total, self.progress = 0, total, progress
-
-    def __call__(self, tensor: str, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress(CopyProgress(self.done, self.total, tensor))
-
-
 def _write_with_header(path: Path, header: bytes, sources: dict[str, Source],
-                       meter: _Progress) -> int:
+                       meter: Meter) -> int:
     """A safetensors file whose header is ``header`` byte for byte; each tensor's data goes to
     the offsets that header gives it."""
     entries = header_entries(header)
@@ -103,7 +93,7 @@ def _write_with_header(path: Path, header: bytes, sources: dict[str, Source],
                         n = min(len(buf), source.nbytes - start)
                         pread_into(src, buf[:n], source.offset + start, source.path)
                         pwrite_all(fd, buf[:n], at + start)
-                        meter(name, n)
+                        meter.tick(name, n)
                 finally:
                     os.close(src)
                 continue
@@ -111,7 +101,7 @@ def _write_with_header(path: Path, header: bytes, sources: dict[str, Source],
             for chunk in source():
                 pwrite_all(fd, chunk, at + done)
                 done += len(chunk)
-                meter(name, len(chunk))
+                meter.tick(name, len(chunk))
             assert done == end - begin, f"{name}: produced {done} bytes, header says {end - begin}"
     finally:
         os.close(fd)
@@ -133,7 +123,7 @@ class OutFile:
 def write_files(out: Path, files: list[OutFile], progress: ProgressFn | None) -> int:
     """Write every file into directory ``out`` (verbatim header, else split.py's layout);
     returns their total size."""
-    meter = _Progress(sum(e.nbytes for f in files for e, _ in f.tensors), progress)
+    meter = Meter(sum(e.nbytes for f in files for e, _ in f.tensors), progress)
     size = 0
     for f in files:
         if f.header is not None:
