@@ -47,13 +47,17 @@ class EngramModule(nn.Module):
         return self.value_proj(e)
 
     def short_conv(self, u: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise dilated conv over time of ``u [B, T, n, D]``, then SiLU."""
+        """Causal depthwise dilated conv over time of ``u [B, T, n, D]``, then SiLU.
+
+        Written as a sum of shifted products (tap j reads ``(K-1-j) * dilation`` positions
+        back): on the CPU the gradient of a depthwise ``conv1d`` costs several times this."""
         b, t, n, d = u.shape
-        x = self.conv_norm(u).reshape(b, t, n * d).transpose(1, 2)  # [B, n*D, T]
-        pad = (self.conv.kernel_size[0] - 1) * self.dilation
-        y = F.conv1d(F.pad(x, (pad, 0)), self.conv.weight, dilation=self.dilation,
-                     groups=n * d)  # [B, n*D, T]: exactly the first T outputs
-        return F.silu(y).transpose(1, 2).reshape(b, t, n, d)
+        x = self.conv_norm(u).reshape(b, t, n * d)
+        w = self.conv.weight[:, 0, :]  # [n*D, K]
+        taps = w.shape[1]
+        x = F.pad(x, (0, 0, (taps - 1) * self.dilation, 0))  # zeros before the first position
+        y = sum(x[:, j * self.dilation:j * self.dilation + t] * w[:, j] for j in range(taps))
+        return F.silu(y).reshape(b, t, n, d)
 
     def forward(self, streams: torch.Tensor,
                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
