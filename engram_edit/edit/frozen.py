@@ -84,6 +84,38 @@ def hidden_streams(model: EngramModel, ids: torch.Tensor,
     return streams
 
 
+PART_COST = 256  # a forward pass costs about as much as this many more padded positions
+MAX_PARTS = 4
+
+
+def length_parts(lengths: list[int]) -> list[list[int]]:
+    """Sequence indices grouped into at most ``MAX_PARTS`` runs of the length order, each run
+    padded to its longest: the grouping of least ``sum(size x longest) + PART_COST x parts``
+    (cuts fall between distinct lengths; a dynamic program over them)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    ends = [j + 1 for j in range(len(ordered))
+            if j + 1 == len(ordered) or ordered[j + 1] != ordered[j]]
+
+    def cost(a: int, b: int) -> int:  # a part of ordered[ends[a-1]:ends[b]] (a = 0: from 0)
+        first = ends[a - 1] if a else 0
+        return (ends[b] - first) * ordered[ends[b] - 1] + PART_COST
+
+    # best[k][b]: (cost, cut) of covering ordered[:ends[b]] with k + 1 parts
+    best = [[(cost(0, b), -1) for b in range(len(ends))]]
+    for _ in range(1, MAX_PARTS):
+        prev = best[-1]
+        best.append([min(((prev[a - 1][0] + cost(a, b), a - 1) for a in range(1, b + 1)),
+                         default=prev[b]) for b in range(len(ends))])
+    k = min(range(len(best)), key=lambda k: best[k][-1][0])
+    parts, b = [], len(ends) - 1
+    while b >= 0:
+        cut = best[k][b][1]
+        parts.append(order[ends[cut] if cut >= 0 else 0:ends[b]])
+        b, k = cut, k - 1
+    return parts[::-1]
+
+
 @dataclass
 class _Part:
     """Sequences of similar length, run as one forward pass trimmed to their longest."""
@@ -98,16 +130,13 @@ class _Part:
 class ScoredBatch:
     """A right-padded batch and the positions whose next-token distribution is scored.
 
-    The forward pass runs in up to ``MAX_PARTS`` parts of similar length, so that short
+    The forward pass runs in parts of similar length (``length_parts``), so that short
     sequences do not pay for the padding of long ones."""
 
     ids: torch.Tensor  # [B, T]
     rows: dict[int, torch.Tensor]  # layer -> [B, T, C] row ids
     parts: list[_Part]
     order: torch.Tensor  # [N]: where each scored position lands in the parts' output
-
-    MAX_PARTS = 3
-    PART_MIN = 32  # sequences per part at least
 
     @classmethod
     def build(cls, model: EngramModel, seqs: list[list[int]], scored: list[list[int]],
@@ -123,11 +152,8 @@ class ScoredBatch:
         if groups is not None:
             g = torch.tensor(groups, device=device).view(-1, 1, 1)
             rows = {lid: r + g * model.hasher.rows_per_layer[lid] for lid, r in rows.items()}
-        by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        k = max(1, min(cls.MAX_PARTS, len(seqs) // cls.PART_MIN))
         parts, placed = [], []
-        for part in np.array_split(np.array(by_length, dtype=np.int64), k):
-            members = part.tolist()
+        for members in length_parts([len(s) for s in seqs]):
             local = [j for j, i in enumerate(members) for _ in scored[i]]
             pos = [q for i in members for q in scored[i]]
             placed += [(i, n) for i in members for n in range(len(scored[i]))]
