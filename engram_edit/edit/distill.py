@@ -10,7 +10,8 @@ Cost is what the bar is about, so a step only runs what can still change: a fact
 the stop criterion leaves the batch and its rows freeze (Adam steps only the rows of unsolved
 facts), and a solved fact, a neighbour prompt or a held-out window stays in the forward pass
 only while it reads a row that is still moving. The unedited model's distributions for the KL
-term are computed once.
+term are computed once, for the neighbours of facts the closed-form start left unsolved (and of
+any that a later check finds broken).
 """
 
 from __future__ import annotations
@@ -138,12 +139,15 @@ class _Sequences:
 
 class _Locality:
     """KL(unedited || edited) on the next-token distributions of neighbour prompts (at their
-    last token) and of held-out windows (every position); the unedited side is computed once.
+    last token) and of held-out windows (every position); the unedited side is computed once,
+    when a fact first needs it.
 
-    A step uses, for each fact still being solved, one of its neighbours in turn, and a quarter
-    of the windows in turn (weighted by 4, so that the term's expectation is the whole sample's);
-    of those, only the ones that read a row that is still moving, since no other can change."""
+    Every other step uses, for each fact still being solved, one of its neighbours in turn
+    (weighted by 2), and every step a quarter of the windows in turn (weighted by 4), so that
+    the term's expectation is the whole sample's; of those, only the ones that read a row that
+    is still moving, since no other can change."""
 
+    NEIGHBOUR_EVERY = 2
     WINDOW_TURNS = 4
 
     def __init__(self, prompts: list[list[int]], owners: list[int],
@@ -157,29 +161,39 @@ class _Locality:
         self.turn = torch.tensor(turn + [i % turns for i in range(len(windows))],
                                  dtype=torch.long)
         self.count = torch.tensor(count + [turns] * len(windows), dtype=torch.long)
-        self.weight = [1.0] * len(prompts) + [float(turns)] * len(windows)
-        self.reference: list[torch.Tensor] = []
+        self.weight = ([float(self.NEIGHBOUR_EVERY)] * len(prompts)
+                       + [float(turns)] * len(windows))
+        self.reference: list[torch.Tensor | None] = [None] * len(self.seqs)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def compute_reference(self, model: EngramModel, seqs: _Sequences, first: int) -> None:
-        """The unedited distributions, from the rows as they are now (the sequences are
-        ``seqs``'s from index ``first`` on)."""
-        if not len(self):
+    def compute_reference(self, model: EngramModel, seqs: _Sequences, first: int,
+                          facts: torch.Tensor) -> None:
+        """The unedited distributions of the windows and of the neighbours of the facts marked
+        in ``facts`` (bool, CPU), those not computed yet, with the rows as the model reads them
+        now (the sequences are ``seqs``'s from index ``first`` on)."""
+        window = self.owner < 0
+        wanted = window | facts[self.owner.clamp_min(0)] & ~window
+        missing = wanted & torch.tensor([r is None for r in self.reference], dtype=torch.bool)
+        if not missing.any():
             return
         select = torch.zeros(len(seqs), dtype=torch.bool)
-        select[first:] = True
+        select[first:] = missing
         with torch.no_grad():
             logp = seqs.batch(select).log_probs(model)
-        self.reference = list(logp.split([len(s) for s in self.scored]))
+        chosen = torch.nonzero(missing).flatten().tolist()
+        for i, lp in zip(chosen, logp.split([len(self.scored[i]) for i in chosen]), strict=True):
+            self.reference[i] = lp
 
     def select(self, active: torch.Tensor, reading: torch.Tensor, step: int) -> torch.Tensor:
         """bool ``[len(self)]``: this step's prompts and windows, for the facts marked in
         ``active`` (bool, CPU) while the sequences marked in ``reading`` read a moving row."""
         neighbour = self.owner >= 0
         chosen = self.turn == step % self.count
-        chosen[neighbour] &= active[self.owner[neighbour]]
+        every = self.NEIGHBOUR_EVERY
+        chosen[neighbour] = ((self.turn[neighbour] == step // every % self.count[neighbour])
+                             & active[self.owner[neighbour]] & (step % every == 0))
         return chosen & reading
 
     def kl(self, logp: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
@@ -312,7 +326,6 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
     device = next(model.parameters()).device
     seqs = _Sequences(model, [t.sequence[:-1] for t in facts] + locality.seqs,
                       [list(t.predicting) for t in facts] + locality.scored, touched)
-    locality.compute_reference(model, seqs, n)
     owned = _owned(rows, touched, n)
     gold = [torch.tensor(t.target, device=device) for t in facts]
     truths = _Truths(model, facts, len(tokens))
@@ -333,10 +346,10 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
     unsolved[:len(tokens)] = True  # kept facts start solved
     active = unsolved & movable  # the facts in the forward pass of the next step
     no_locality = torch.zeros(len(locality), dtype=torch.bool)
-    step = since_check = 0
+    step, since_check = 0, settings.check_every  # the first round starts with a check
     limit = settings.steps
-    lookups = {lid: DeltaEmbedding(model.engram(lid).embed, touched[lid], deltas[lid])
-               for lid in touched}
+    unedited = {lid: model.engram(lid).embed for lid in touched}
+    lookups = {lid: DeltaEmbedding(unedited[lid], touched[lid], deltas[lid]) for lid in touched}
     with substituted_rows(model, lookups):
         while True:
             final = not active.any() or step >= limit
@@ -353,6 +366,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                     unsolved[check] = ~ok
                 checked = {lid: d.detach().clone() for lid, d in deltas.items()}
                 active, since_check = unsolved & movable, 0
+                with substituted_rows(model, unedited):  # the KL term's reference, once each
+                    locality.compute_reference(model, seqs, n, active)
                 report(step, int((~unsolved[:len(tokens)]).sum()))
                 if not active.any():
                     break
