@@ -126,19 +126,20 @@ def _ngrams(tokens: FactTokens, hasher: NgramHasher, choice: RowChoice, compress
     return chosen
 
 
-def crowded_heads(others: np.ndarray) -> list[int]:
-    """The heads to leave out of one n-gram's rows in one layer, given the corpus occurrences
-    of the other n-grams on each head's row: those above ``CROWDED_RATIO`` x the median of
-    the other heads' (x 1 when that is below 1).
+def crowded_heads(others: np.ndarray) -> np.ndarray:
+    """Which heads to leave out of an n-gram's rows in one layer, given the corpus occurrences
+    of the other n-grams on each head's row (``others [..., heads]``, any leading shape): bool,
+    true where that is above ``CROWDED_RATIO`` x the median of the other heads' (x 1 when that
+    is below 1).
 
     At most half the heads are: were more, the least crowded of them would have a median of
     the others at least as large as its own load."""
-    out: list[int] = []
-    for j, load in enumerate(others.tolist() if len(others) > 1 else []):
-        bar = CROWDED_RATIO * max(float(np.median(np.delete(others, j))), 1.0)
-        if load > bar:
-            out.append(j)
-    return out
+    heads = others.shape[-1]
+    if heads < 2:
+        return np.zeros(others.shape, dtype=bool)
+    rest = np.array([[k for k in range(heads) if k != j] for j in range(heads)])
+    bar = CROWDED_RATIO * np.maximum(np.median(others[..., rest], axis=-1), 1.0)
+    return others > bar
 
 
 def _ngram_ids(compressed: np.ndarray, pos: int, order: int, pad_id: int) -> tuple[int, ...]:
@@ -181,18 +182,20 @@ def locate_rows(tokens: FactTokens, tokenizer: EngramTokenizer, hasher: NgramHas
     chosen = _ngrams(tokens, hasher, choice, compressed, ngram_count)
     spare = (choice is RowChoice.AUTO and ngram_count is not None
              and slot_occurrences is not None)
+    n_heads = hasher.n_heads
+    columns = np.array([[hasher.column(order, h) for h in range(n_heads)] for _, order in chosen],
+                       dtype=np.int64).reshape(len(chosen), n_heads)
+    positions = np.array([pos for pos, _ in chosen], dtype=np.int64)[:, None]
+    own = (np.array([ngram_count(_ngram_ids(compressed, pos, order, hasher.pad_id))
+                     for pos, order in chosen], dtype=np.int64)[:, None] if spare else None)
     out, left_out = {}, 0
     for lid in hasher.layer_ids:
-        picked = []
-        for pos, order in chosen:
-            heads = rows[lid][0, pos, [hasher.column(order, h) for h in range(hasher.n_heads)]]
-            if spare:
-                own = ngram_count(_ngram_ids(compressed, pos, order, hasher.pad_id))
-                drop = crowded_heads(np.asarray(slot_occurrences[lid][heads], np.int64) - own)
-                heads = np.delete(heads, drop)
-                left_out += len(drop)
-            picked += heads.tolist()
-        out[lid] = np.unique(np.asarray(picked, dtype=np.int64))
+        heads = rows[lid][0][positions, columns]  # [chosen, heads]
+        keep = np.ones(heads.shape, dtype=bool)
+        if spare:
+            keep = ~crowded_heads(np.asarray(slot_occurrences[lid][heads], np.int64) - own)
+            left_out += int((~keep).sum())
+        out[lid] = np.unique(heads[keep].astype(np.int64))
     return FactRows(out, left_out)
 
 
