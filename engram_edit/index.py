@@ -277,6 +277,18 @@ def _meta_json(meta: dict[str, str], key: str, source: Path) -> Any:
         raise BadInputError(f"{source}: __metadata__ {key!r} is missing or not JSON") from None
 
 
+class RowMembers(NamedTuple):
+    """The indexed n-grams on some rows of one layer, flat: row ``rows[i]``'s are entries
+    ``starts[i]:starts[i + 1]``, the most frequent first (ties: lexicographic)."""
+
+    rows: np.ndarray  # sorted row ids
+    starts: np.ndarray  # [len(rows) + 1]
+    order: np.ndarray  # per entry: the n-gram's order
+    gram: np.ndarray  # per entry: its index among the indexed n-grams of that order
+    count: np.ndarray  # per entry: its corpus occurrences
+    ids: np.ndarray  # per entry: its compressed ids, oldest first, -1 past its order
+
+
 class NgramIndex:
     """An index file opened against a model: counts, and which n-grams read each row.
 
@@ -451,28 +463,43 @@ class NgramIndex:
 
     def members_of(self, layer_id: int, rows: Iterable[int]
                    ) -> dict[int, list[tuple[tuple[int, ...], int]]]:
-        """``members`` of many rows of one layer at once: one pass over the indexed n-grams per
-        (order, head) instead of one per row."""
+        """``members`` of many rows of one layer at once (``row_members`` as tuples)."""
+        m = self.row_members(layer_id, rows)
+        grams = [tuple(g[:o]) for g, o in zip(m.ids.tolist(), m.order.tolist(), strict=True)]
+        counts = m.count.tolist()
+        return {row: list(zip(grams[a:b], counts[a:b], strict=True))
+                for row, a, b in zip(m.rows.tolist(), m.starts[:-1].tolist(),
+                                     m.starts[1:].tolist(), strict=True)}
+
+    def row_members(self, layer_id: int, rows: Iterable[int]) -> RowMembers:
+        """Every indexed n-gram that reads any of ``rows`` of one layer, as flat arrays: one
+        pass over the indexed n-grams per (order, head) for all rows."""
         h = self.hasher
+        width = max(self.info.orders)
         by_column: dict[int, dict[int, int]] = {}  # column -> slot -> row
-        for row in set(rows):
+        for row in set(int(r) for r in rows):
             column, slot = self._locate(layer_id, row)
             by_column.setdefault(column, {})[slot] = row
-        out: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+        parts = []  # (row, order, gram, count, ids) per column
         for column, slot_rows in by_column.items():
             order, head = h.column_order_head(column)
             slots = np.asarray(self.order_slots(layer_id, order)[:, head], np.int64)
-            hit = np.flatnonzero(np.isin(slots, np.fromiter(slot_rows, np.int64)))
-            counts = np.asarray(self.counts[order][hit], np.int64)
-            keys = slots[hit]
-            ranked = np.lexsort((-counts, keys))  # by slot, then most frequent first (stable)
-            grams = np.asarray(self.grams[order][hit[ranked]], np.int64).tolist()
-            for row in slot_rows.values():
-                out[row] = []
-            for g, key, c in zip(grams, keys[ranked].tolist(), counts[ranked].tolist(),
-                                 strict=True):
-                out[slot_rows[key]].append((tuple(g), c))
-        return out
+            wanted = np.full(max(int(slots.max(initial=0)), max(slot_rows)) + 1, -1, np.int64)
+            wanted[list(slot_rows)] = list(slot_rows.values())
+            hit = np.flatnonzero(wanted[slots] >= 0)
+            ids = np.full((len(hit), width), -1, np.int64)
+            ids[:, :order] = self.grams[order][hit]
+            parts.append((wanted[slots[hit]], np.full(len(hit), order), hit,
+                          np.asarray(self.counts[order][hit], np.int64), ids))
+        if not parts:
+            parts = [(*(np.zeros(0, np.int64),) * 4, np.zeros((0, width), np.int64))]
+        row, order, gram, count, ids = (np.concatenate([p[i] for p in parts]) for i in range(5))
+        ranked = np.lexsort((gram, -count, row))  # by row, most frequent first, lexicographic
+        all_rows = np.array(sorted({r for c in by_column.values() for r in c.values()}),
+                            dtype=np.int64)
+        starts = np.searchsorted(row[ranked], np.append(all_rows, np.iinfo(np.int64).max))
+        return RowMembers(all_rows, starts, order[ranked], gram[ranked], count[ranked],
+                          ids[ranked])
 
     def sharers(self, layer_id: int, row: int, top_k: int | None = None,
                 exclude: Iterable[Sequence[int]] = ()) -> list[Sharer]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from engram_edit.edit.locate import FactRows, FactTokens
-from engram_edit.index import NgramIndex
+from engram_edit.index import NgramIndex, RowMembers
 
 REPORTED_SHARERS = 10  # sharers listed per fact, the most frequent first
 CONTEXT_TOKENS = 16  # tokens of corpus text kept before a sharer in a locality prompt
@@ -78,28 +78,60 @@ def facts_sharing(index: NgramIndex, tokens: Sequence[FactTokens],
         >>> facts_sharing(index, tokens, rows)[0].sharers[0]  # doctest: +SKIP
         RowSharer(ids=(12, 40), text='of the', count=5120, rows=1)
     """
-    members = {(lid, row): m for lid in index.hasher.layer_ids
-               for row, m in index.members_of(lid, (r for fr in fact_rows
-                                                    for r in fr.rows.get(lid, ()))).items()}
+    members = {lid: index.row_members(lid, np.concatenate(
+        [fr.rows.get(lid, np.zeros(0, np.int64)) for fr in fact_rows] or [np.zeros(0, np.int64)]))
+        for lid in index.hasher.layer_ids}
+    loads = {}  # layer -> per row of ``members``: (n-grams, their corpus occurrences)
+    for lid, m in members.items():
+        total = np.concatenate([[0], np.cumsum(m.count)])
+        loads[lid] = (np.diff(m.starts), total[m.starts[1:]] - total[m.starts[:-1]])
     out = []
     for t, fr in zip(tokens, fact_rows, strict=True):
-        own = own_ngrams(index, t)
-        found: dict[tuple[int, ...], list[int]] = {}  # ids -> [count, rows]
-        loads = []
+        entries, per_row = [], []
         for lid, rows in fr.rows.items():
-            for row in rows.tolist():
-                key = (lid, row)
-                loads.append((len(members[key]), sum(c for _, c in members[key])))
-                for ids, count in members[key]:
-                    if ids not in own:
-                        found.setdefault(ids, [count, 0])[1] += 1
-        ranked = sorted(found.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
-        sharers = [RowSharer(ids, index.ngram_text(ids), c, r)
-                   for ids, (c, r) in ranked[:REPORTED_SHARERS]]
-        mean = np.mean(loads, axis=0).tolist() if loads else [0.0, 0.0]
+            m = members[lid]
+            at = np.searchsorted(m.rows, rows)
+            per_row += list(zip(loads[lid][0][at].tolist(), loads[lid][1][at].tolist(),
+                                strict=True))
+            entries.append((m, np.concatenate([np.arange(m.starts[i], m.starts[i + 1])
+                                               for i in at.tolist()] or [np.zeros(0, int)])))
+        sharers, more = _ranked_sharers(index, entries, own_ngrams(index, t))
+        mean = np.mean(per_row, axis=0).tolist() if per_row else [0.0, 0.0]
         out.append(FactSharing({lid: len(r) for lid, r in fr.rows.items()}, fr.left_out,
-                               mean[0], mean[1], sharers, max(len(ranked) - REPORTED_SHARERS, 0)))
+                               mean[0], mean[1], sharers, more))
     return out
+
+
+def _ranked_sharers(index: NgramIndex, entries: list[tuple[RowMembers, np.ndarray]],
+                    own: set[tuple[int, ...]]) -> tuple[list[RowSharer], int]:
+    """The top ``REPORTED_SHARERS`` of the n-grams on a fact's rows that are not its own
+    (``entries``: per layer, the row members and the entries on the fact's rows), and how many
+    more there are."""
+    ids = np.concatenate([m.ids[e] for m, e in entries])
+    count = np.concatenate([m.count[e] for m, e in entries])
+    mine = np.full((len(own), ids.shape[1]), -1, dtype=np.int64)
+    for i, gram in enumerate(own):
+        mine[i, :len(gram)] = gram
+    keep = ~np.isin(_as_keys(ids), _as_keys(mine))
+    ids, count = ids[keep], count[keep]
+    _, first, rows = np.unique(_as_keys(ids), return_index=True, return_counts=True)
+    unique = ids[first]
+    count = count[first]
+    ranked = np.lexsort((-rows, -count))
+    cut = min(REPORTED_SHARERS, len(ranked))
+    while 0 < cut < len(ranked) and (count[ranked[cut]], rows[ranked[cut]]) == (
+            count[ranked[cut - 1]], rows[ranked[cut - 1]]):
+        cut += 1  # ties at the edge are settled by the ids below
+    top = sorted((-int(count[i]), -int(rows[i]), tuple(g for g in unique[i].tolist() if g >= 0))
+                 for i in ranked[:cut].tolist())[:REPORTED_SHARERS]
+    sharers = [RowSharer(g, index.ngram_text(g), -c, -r) for c, r, g in top]
+    return sharers, max(len(unique) - REPORTED_SHARERS, 0)
+
+
+def _as_keys(ids: np.ndarray) -> np.ndarray:
+    """Each row of ``ids [n, width]`` as one opaque value, equal exactly when the rows are."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    return ids.view(np.dtype((np.void, 8 * ids.shape[1]))).reshape(-1)
 
 
 def corpus_of(index: NgramIndex) -> list[Path]:
