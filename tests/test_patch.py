@@ -2,6 +2,7 @@
 FACTS verbs, on tiny random models: small versions of the editing benchmark's bars."""
 
 import hashlib
+import itertools
 import json
 import shutil
 
@@ -23,6 +24,7 @@ from engram_edit.edit.compute import (
 )
 from engram_edit.edit.distill import DistillSettings, distill
 from engram_edit.edit.facts import Fact
+from engram_edit.edit.frozen import MAX_PARTS, PART_COST, length_parts
 from engram_edit.edit.locate import (
     FactRows,
     RowChoice,
@@ -370,3 +372,23 @@ def test_eval_facts_reports_the_metric_set_with_memory_on_and_off(model_dir, fac
     result = json.loads(out)
     assert result["facts"] == 3 and set(result) >= {"memory", "no_memory", "metrics_version"}
     assert result["memory"]["neighbourhood_unchanged"] == 1.0
+
+
+def test_length_parts_is_the_cheapest_grouping_of_the_length_order():
+    def cost(parts: list[list[int]], lengths: list[int]) -> int:
+        return sum(len(p) * max(lengths[i] for i in p) + PART_COST for p in parts)
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        lengths = rng.choice([3, 9, 12, 16, 32, 300, 400], size=rng.integers(1, 9)).tolist()
+        parts = length_parts(lengths)
+        assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+        assert 1 <= len(parts) <= MAX_PARTS
+        spans = [(min(lengths[i] for i in p), max(lengths[i] for i in p)) for p in parts]
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))  # runs of the length order
+        ordered = sorted(lengths)
+        best = min(  # every cut of the sorted lengths into at most MAX_PARTS runs
+            sum(len(run) * run[-1] + PART_COST for run in np.split(ordered, list(cuts)))
+            for k in range(MAX_PARTS)
+            for cuts in itertools.combinations(range(1, len(ordered)), k))
+        assert cost(parts, lengths) == best
