@@ -46,7 +46,7 @@ class DistillSettings:
     heldout_windows: int = 8  # held-out windows in the locality term (0: none)
     heldout_tokens: int = 32  # tokens per held-out window
     norm_bound: float = 2.0  # an edited row's norm stays <= this x the layer's 99th percentile
-    check_every: int = 10  # steps between checks of every fact (solved ones may be moved back)
+    check_every: int = 20  # steps between checks of every fact (solved ones may be moved back)
     seed: int = 0  # picks the held-out windows
     warm_start: bool = True  # start from overwrite's closed form (one pass) instead of zero
     warm_margin: float = 3.0  # the margin the closed form aims at
