@@ -262,24 +262,24 @@ class _Truths:
     rest drifts as the subject's rows change; it is redone when a fact may be solved, and the
     last value otherwise only picks which facts get that pass."""
 
-    def __init__(self, model: EngramModel, facts: list[FactTokens], known: int) -> None:
-        """The rest now for the first ``known`` facts; the others get theirs at a check, the
-        only way they enter a step."""
+    def __init__(self, model: EngramModel, facts: list[FactTokens]) -> None:
+        """Each rest is first computed at a check, the only way a fact enters a step."""
         device = next(model.parameters()).device
         self.facts = facts
         self.token = torch.tensor([t.truth[0] if t.truth else 0 for t in facts], device=device)
         self.rest = torch.full((len(facts),), float("nan"), device=device)
-        self.rest[:known] = _truth_rest(model, facts[:known])
 
     def __call__(self, model: EngramModel, idx: list[int], first_logp: torch.Tensor,
-                 exact: bool = False) -> torch.Tensor:
-        """log P(truth) of the facts ``idx``; ``first_logp`` ``[len(idx), vocab]``: log-probs
-        after each prompt. ``exact`` (or a fact whose rest is not known yet) redoes the rest."""
+                 exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """log P(truth) of the facts ``idx``, and whether each rest was redone now (bool,
+        CPU); ``first_logp`` ``[len(idx), vocab]``: log-probs after each prompt. ``exact`` (or
+        a fact whose rest is not known yet) redoes the rest."""
         redo = [i for i in idx if self.facts[i].truth and (exact or bool(self.rest[i].isnan()))]
         if redo:
             self.rest[redo] = _truth_rest(model, [self.facts[i] for i in redo])
         first = first_logp.gather(1, self.token[idx][:, None]).squeeze(1)
-        return first + self.rest[idx]
+        fresh = set(redo)
+        return first + self.rest[idx], torch.tensor([i in fresh for i in idx], dtype=torch.bool)
 
 
 def _scores(model: EngramModel, logp: torch.Tensor, idx: list[int], gold: list[torch.Tensor],
@@ -299,11 +299,11 @@ def _scores(model: EngramModel, logp: torch.Tensor, idx: list[int], gold: list[t
     wrong = torch.zeros(len(idx), device=device).index_add(
         0, owner, (logp.argmax(-1) != gold_sel).float())
     first = logp.detach()[torch.cumsum(lengths, 0) - lengths]
-    truth = truths(model, idx, first, exact)
-    if not exact:  # a fact the estimate calls solved is confirmed with its truth's own pass
-        sure = torch.nonzero(lp.detach() >= truth + margin).flatten().tolist()
-        if sure:
-            truth[sure] = truths(model, [idx[i] for i in sure], first[sure], exact=True)
+    truth, fresh = truths(model, idx, first, exact)
+    # a fact the estimate calls solved is confirmed with its truth's own pass
+    sure = torch.nonzero((lp.detach() >= truth + margin).cpu() & ~fresh).flatten().tolist()
+    if sure:
+        truth[sure] = truths(model, [idx[i] for i in sure], first[sure], exact=True)[0]
     by_margin = lp.detach() >= truth + margin
     by_prob = (lp.detach() >= float(np.log(settings.stop_prob))) & (wrong == 0)
     return lp, lengths.float(), torch.where(truth.isnan(), by_prob, by_margin).cpu()
@@ -328,7 +328,7 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                       [list(t.predicting) for t in facts] + locality.scored, touched)
     owned = _owned(rows, touched, n)
     gold = [torch.tensor(t.target, device=device) for t in facts]
-    truths = _Truths(model, facts, len(tokens))
+    truths = _Truths(model, facts)
     margins = torch.tensor([settings.margin] * len(tokens) + [settings.keep_margin] * len(keep),
                            device=device)
     weights = {lid: model.engram(lid).embed.weight.detach()[t] for lid, t in touched.items()}
