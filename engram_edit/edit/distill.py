@@ -35,7 +35,7 @@ from engram_edit.model import EngramModel
 
 @dataclass
 class DistillSettings:
-    steps: int = 40  # Adam steps at most per batch of facts
+    steps: int = 30  # Adam steps at most per batch of facts
     lr: float = 0.1  # Adam step size, in row units (trained rows have norm ~1-2)
     adam_eps: float = 1e-8  # Adam's eps; near typical gradients, rows that barely matter move less
     batch_facts: int = 256  # facts optimized together
@@ -46,7 +46,7 @@ class DistillSettings:
     heldout_windows: int = 8  # held-out windows in the locality term (0: none)
     heldout_tokens: int = 32  # tokens per held-out window
     norm_bound: float = 2.0  # an edited row's norm stays <= this x the layer's 99th percentile
-    check_every: int = 20  # steps between checks of every fact (solved ones may be moved back)
+    check_every: int = 15  # steps between checks of every fact (solved ones may be moved back)
     seed: int = 0  # picks the held-out windows
     warm_start: bool = True  # start from overwrite's closed form (one pass) instead of zero
     warm_margin: float = 3.0  # the margin the closed form aims at
