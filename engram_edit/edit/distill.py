@@ -173,8 +173,7 @@ class _Locality:
         """The unedited distributions of the windows and of the neighbours of the facts marked
         in ``facts`` (bool, CPU), those not computed yet, with the rows as the model reads them
         now (the sequences are ``seqs``'s from index ``first`` on)."""
-        window = self.owner < 0
-        wanted = window | facts[self.owner.clamp_min(0)] & ~window
+        wanted = (self.owner < 0) | facts[self.owner.clamp_min(0)]  # windows, and neighbours
         missing = wanted & torch.tensor([r is None for r in self.reference], dtype=torch.bool)
         if not missing.any():
             return
