@@ -96,9 +96,9 @@ def patch_command(
         "the frozen model, no steps (faster, weaker).")] = MethodChoice.distill,
     rows: Annotated[RowChoice, typer.Option(
         "--rows", help="Which rows: n-grams that contain the subject (subject), those ending "
-        "where the target is predicted (final), both, or auto (subject, plus those ending at "
-        "the prompt's last token that are rare in the corpus n-gram index when there is "
-        "one).")] = RowChoice.AUTO,
+        "where the target is predicted (final), both, or auto (subject less those that only "
+        "spell it, such as 'Burkina' before ' Faso', plus those ending at the prompt's last "
+        "token that are rare in the corpus n-gram index when there is one).")] = RowChoice.AUTO,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="distill: Adam steps at most per batch.")] = None,
     seed: Annotated[int, typer.Option(

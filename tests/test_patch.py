@@ -30,6 +30,7 @@ from engram_edit.edit.locate import (
     RowChoice,
     group_facts,
     locate_rows,
+    spells_subject,
     tokenize_fact,
 )
 from engram_edit.edit.overwrite import OverwriteSettings, closed_form
@@ -123,6 +124,38 @@ def test_auto_adds_a_final_ngram_only_when_the_index_says_it_is_rare(loaded):
     both = locate_rows(tokens, files.tokenizer, files.hasher, RowChoice.BOTH)
     assert plain.count == subject.count == common.count < rare.count
     assert rare.count == both.count
+
+
+def test_the_subject_s_own_spelling_is_an_ngram_ending_inside_it_that_reaches_no_context():
+    subject = [3, 4, 5]
+    assert spells_subject(range(3, 5), subject)  # its first two tokens: predicts the third
+    assert not spells_subject(range(2, 4), subject)  # reaches the word before it
+    assert not spells_subject(range(4, 6), subject)  # ends at its last token
+    assert not spells_subject(range(5, 7), subject)  # ends after it
+    assert spells_subject(range(-1, 1), [0, 1])  # at the start of the text
+    assert spells_subject(range(-2, 1), [0, 1])
+    assert not spells_subject(range(-1, 1), [0])  # a one-token subject spells nothing
+    assert not spells_subject(range(0, 2), [])
+
+
+def test_auto_leaves_out_the_rows_that_only_spell_the_subject(loaded):
+    files, _ = loaded
+    fact = Fact("The capital of Princess Diana is", "Princess Diana", "Lima")
+    tokens = tokenize_fact(fact, files.tokenizer)
+    first, last = tokens.subject[0], tokens.subject[-1]
+    assert first > 0 and last - first >= 2
+    h = files.hasher
+    every = h.rows(files.tokenizer.compress(tokens.sequence)[None, :])
+    auto = locate_rows(tokens, files.tokenizer, h, RowChoice.AUTO)
+    # n-grams holding a subject token, but not those ending inside it before its last token
+    # that start at or after its first token
+    wanted = {(p, o) for p in range(tokens.predicting[-1] + 1) for o in range(2, h.max_ngram + 1)
+              if p - o + 1 <= last and p >= first
+              and not (first <= p - o + 1 and p < last)}
+    for lid in h.layer_ids:
+        expect = sorted({int(every[lid][0, p, h.column(o, j)]) for p, o in wanted
+                         for j in range(h.n_heads)})
+        assert auto.rows[lid].tolist() == expect
 
 
 def test_facts_sharing_a_row_are_batched_together():

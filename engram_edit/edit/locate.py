@@ -1,6 +1,7 @@
 """Which table rows a fact touches: the n-grams of its prompt that hold the subject, in every
 Engram layer, and (``--rows final|both``, or ``auto`` when specific) the final position's;
-``auto`` with a corpus n-gram index also leaves out heads whose row is crowded.
+``auto`` leaves out the n-grams that only spell the subject and, with a corpus n-gram index,
+the heads whose row is crowded.
 
 Tokenizing facts and hashing them is here; optimizing the rows is distill.py's, writing them
 overwrite.py's and journal.py's (ENGRAM_SPEC.md section 4, issue 6 "Methods").
@@ -32,9 +33,10 @@ class RowChoice(str, Enum):
     """Which n-grams' rows an edit may change.
 
     subject: every n-gram that contains a subject token, at the positions that predict the
-    target. final: every n-gram ending at those positions. both: the union. auto: subject, plus
-    the n-grams of the prompt's last position that are rare in the corpus n-gram index, less
-    each n-gram's crowded heads (``CROWDED_RATIO``; both only when an index is given).
+    target. final: every n-gram ending at those positions. both: the union. auto: subject less
+    the subject's own spelling (``spells_subject``), plus the n-grams of the prompt's last
+    position that are rare in the corpus n-gram index, less each n-gram's crowded heads
+    (``CROWDED_RATIO``; both only when an index is given).
     """
 
     AUTO = "auto"
@@ -117,13 +119,26 @@ def _ngrams(tokens: FactTokens, hasher: NgramHasher, choice: RowChoice, compress
             elif choice is RowChoice.BOTH:
                 keep = has_subject or final
             else:  # a final n-gram that holds target tokens is read by every prompt
-                keep = has_subject  # answered with that target, so it is never specific
+                # answered with that target, so it is never specific
+                keep = has_subject and not spells_subject(span, tokens.subject)
                 if not keep and pos == prompt_end and ngram_count is not None:
                     keep = ngram_count(_ngram_ids(compressed, pos, order,
                                                   hasher.pad_id)) < RARE_NGRAM_COUNT
             if keep:
                 chosen.append((pos, order))
     return chosen
+
+
+def spells_subject(span: range, subject: list[int]) -> bool:
+    """Whether the n-gram over prompt positions ``span`` is part of the subject's own spelling:
+    it ends inside the subject, before its last token, and reaches back no further than the
+    subject's first token or the start of the text. Its row predicts the subject's next token
+    ("Burkina" -> " Faso"), which a fact about the subject is not about, and every text naming
+    the subject reads it; n-grams that reach into the words before the subject, or end at its
+    last token, still carry the edit."""
+    inside = set(subject)
+    return (bool(subject) and span[-1] in inside and span[-1] != max(subject)
+            and all(i in inside or i < 0 for i in span))
 
 
 def crowded_heads(others: np.ndarray) -> np.ndarray:
