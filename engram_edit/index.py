@@ -1,8 +1,8 @@
 """Corpus n-gram index: the file format, and reading it (``NgramIndex``: which n-grams share each
 table row). Building the file is index_build.py's; the corpus streaming both halves use
-(documents, n-gram keys, tokenized batches) is here. Row search is search.py's; tokenizing and
-hashing are tokenizer.py's and hashing.py's, editing is edit/'s. DESIGN.md "index.py" and
-"Edits"; ENGRAM_SPEC.md sections 1-5.
+(documents, n-gram keys, tokenized batches) is index_corpus.py's. Row search is search.py's;
+tokenizing and hashing are tokenizer.py's and hashing.py's, editing is edit/'s. DESIGN.md
+"index.py" and "Edits"; ENGRAM_SPEC.md sections 1-5.
 
 Index file, version 1 (``ngram-index.safetensors``)
 ---------------------------------------------------
@@ -30,7 +30,8 @@ Notes:
   before a document's start (hashed with the pad id) or across two documents are not: how a
   trainer packs documents is the trainer's choice (ENGRAM_SPEC.md 4).
 - A document is one JSONL line's ``"text"`` (files ending in .jsonl or .ndjson), or one
-  paragraph of any other file (text between blank lines, inner line breaks kept).
+  paragraph of any other file (text between blank lines, inner line breaks kept;
+  index_corpus.py).
 - Slots are not stored. The slot of an n-gram in a column is a pure function of its ids and the
   hashing config (ENGRAM_SPEC.md 4), so the view per layer and column is hashed from the stored
   n-grams when first asked for (one batched pass per order, then cached). Storing it would cost
@@ -54,7 +55,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,15 +65,14 @@ import numpy as np
 from engram_edit.checkpoint import MemoryFiles, ModelFiles
 from engram_edit.errors import BadInputError, MismatchError
 from engram_edit.fileio import atomic_path
+from engram_edit.index_corpus import TokenBatch, check_sources, document_batches, ngram_keys
 from engram_edit.paths import cache_dir
 from engram_edit.tensorfile import TensorLocation, read_header
-from engram_edit.tokenizer import EngramTokenizer, compression_normalizer
+from engram_edit.tokenizer import compression_normalizer
 
 INDEX_FORMAT = "engram-ngram-index"
 INDEX_VERSION = "1"
 INDEX_FILE = "ngram-index.safetensors"
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-BATCH_CHARS = 4 << 20  # characters of text tokenized per batch
 SEARCH_BATCH_CHARS = 256 << 10  # smaller when looking for text: the search may stop early
 HASH_CHUNK = 1 << 17  # n-grams hashed per call when a slot view is built
 # safetensors dtype code -> numpy type, for the unsigned integers an index file holds
@@ -132,112 +132,6 @@ class LayerLoad:
     shared: int  # rows read by two or more
     max_ngrams: int  # the most n-grams on one row
     mean_ngrams: float  # n-grams per used row
-
-
-# --- reading corpora ----------------------------------------------------------------------------
-
-def read_documents(path: Path, digest: Any) -> Iterator[tuple[str, int]]:
-    """(document, bytes read so far) of one corpus file; ``digest`` sees every byte."""
-    jsonl = path.suffix.lower() in JSONL_SUFFIXES
-    done, paragraph = 0, []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            digest.update(raw)
-            done += len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadInputError(f"{path}:{number}: not UTF-8 text") from None
-            if jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise BadInputError(f"{path}:{number}: not a JSON object with a string "
-                                        f"'text'")
-                yield text, done
-            elif line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "".join(paragraph).rstrip("\r\n"), done
-                paragraph = []
-    if paragraph:
-        yield "".join(paragraph).rstrip("\r\n"), done
-
-
-def check_sources(paths: Sequence[Path]) -> list[Path]:
-    """The corpus files as paths; BadInputError when none is given or any is missing."""
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise BadInputError("no corpus files given")
-    problems = [f"{p}: no such file" for p in paths if not p.is_file()]
-    if problems:
-        raise BadInputError(problems)
-    return paths
-
-
-# --- n-grams of tokenized documents -------------------------------------------------------------
-
-def ngram_keys(columns: Sequence[np.ndarray], vocab: int) -> np.ndarray:
-    """One sortable key per n-gram given as id columns (oldest first); sorting the keys sorts
-    the n-grams lexicographically. An int64 ``sum(id_j * vocab**(n-1-j))`` when that fits, else
-    the big-endian int64 ids viewed as one opaque value (compared bytewise, so in the same
-    order)."""
-    if vocab ** len(columns) <= np.iinfo(np.int64).max:
-        keys = np.asarray(columns[0], np.int64)
-        for col in columns[1:]:
-            keys = keys * vocab + col
-        return keys
-    rows = np.ascontiguousarray(np.stack(columns, axis=1).astype(">i8"))
-    return rows.view(np.dtype((np.void, 8 * len(columns)))).reshape(-1)
-
-
-@dataclass
-class TokenBatch:
-    """Documents tokenized together: raw and compressed ids, concatenated."""
-
-    raw: np.ndarray  # int64 [T]
-    ids: np.ndarray  # compressed, int64 [T]
-    position: np.ndarray  # index of each token within its document, [T]
-
-    @classmethod
-    def encode(cls, texts: list[str], tokenizer: EngramTokenizer) -> TokenBatch:
-        encodings = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
-        lengths = np.array([len(e.ids) for e in encodings], np.int64)
-        raw = np.concatenate([np.asarray(e.ids, np.int64) for e in encodings] +
-                             [np.zeros(0, np.int64)])
-        starts = np.cumsum(lengths) - lengths
-        return cls(raw, tokenizer.compression[raw], np.arange(len(raw)) - np.repeat(starts,
-                                                                                    lengths))
-
-    def ngrams(self, order: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-        """(last token's index, ``ngram_keys``) of every n-gram of ``order`` inside a document."""
-        ends = np.flatnonzero(self.position >= order - 1)
-        return ends, ngram_keys([self.ids[ends - (order - 1) + j] for j in range(order)], vocab)
-
-
-def document_batches(paths: Sequence[Path], digests: list[Any] | None = None,
-                     chars_per_batch: int = BATCH_CHARS) -> Iterator[tuple[list[str], int]]:
-    """Documents of the files in batches of about ``chars_per_batch`` characters, with the
-    bytes of all files read so far; ``digests`` gets one sha256 per file, fed every byte."""
-    done_before = 0
-    for path in paths:
-        digest = hashlib.sha256()
-        if digests is not None:
-            digests.append(digest)
-        batch: list[str] = []
-        chars = 0
-        for text, done in read_documents(path, digest):
-            batch.append(text)
-            chars += len(text)
-            if chars >= chars_per_batch:
-                yield batch, done_before + done
-                batch, chars = [], 0
-        done_before += path.stat().st_size
-        yield batch, done_before
 
 
 def smallest_uint(largest: int) -> type:

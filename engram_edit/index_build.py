@@ -24,11 +24,9 @@ from engram_edit.index import (
     LayerLoad,
     NgramIndex,
     SourceFile,
-    TokenBatch,
-    check_sources,
-    document_batches,
     smallest_uint,
 )
+from engram_edit.index_corpus import TokenBatch, check_sources, document_batches
 from engram_edit.tensorwrite import TensorEntry, safetensors_header
 
 MERGE_ENTRIES = 16 << 20  # partial counts held per order before they are merged

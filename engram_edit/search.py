@@ -14,7 +14,8 @@ import numpy as np
 
 from engram_edit.checkpoint import ModelFiles
 from engram_edit.errors import BadInputError
-from engram_edit.index import NgramIndex, Sharer, SlotLoad, read_documents
+from engram_edit.index import NgramIndex, Sharer, SlotLoad
+from engram_edit.index_corpus import read_documents
 from engram_edit.tokenizer import EngramTokenizer
 
 if TYPE_CHECKING:

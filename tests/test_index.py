@@ -22,9 +22,9 @@ from engram_edit.index import (
     NgramIndex,
     bundled_index_file,
     default_index_for,
-    ngram_keys,
 )
 from engram_edit.index_build import _OrderCounter, build_index
+from engram_edit.index_corpus import ngram_keys
 from engram_edit.paths import bundled_model_dir
 from engram_edit.search import RowSearch, search_rows
 from engram_edit.tensorfile import read_header
