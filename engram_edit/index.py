@@ -378,7 +378,7 @@ class NgramIndex:
         for column, slot_rows in by_column.items():
             order, head = h.column_order_head(column)
             slots = np.asarray(self.order_slots(layer_id, order)[:, head], np.int64)
-            wanted = np.full(max(int(slots.max(initial=0)), max(slot_rows)) + 1, -1, np.int64)
+            wanted = np.full(int(h.primes[layer_id][column]), -1, np.int64)  # slot -> row
             wanted[list(slot_rows)] = list(slot_rows.values())
             hit = np.flatnonzero(wanted[slots] >= 0)
             ids = np.full((len(hit), width), -1, np.int64)
