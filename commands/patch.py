@@ -116,9 +116,10 @@ def patch_command(
         "an n-gram's heads whose row the other n-grams use > 3x as much as the median of its "
         "other heads' (at most half of its heads).")] = True,
     weigh_rows: Annotated[bool, typer.Option(
-        "--weigh-rows/--no-weigh-rows", help="With an n-gram index: a row costs what the "
-        "corpus reads of it (occurrences of the n-grams on it over a median row's), and the "
-        "rows change at the least total cost, so rows many n-grams read move less.")] = True,
+        "--weigh-rows/--no-weigh-rows", help="A row costs the number of facts that touch it "
+        "(these and, for distill, those of applied patches it keeps) times, with an n-gram "
+        "index, what the corpus reads of it (occurrences of the n-grams on it over a median "
+        "row's); the rows change at the least total cost, so shared rows move less.")] = True,
     sharer_contexts: Annotated[int, typer.Option(
         "--sharer-contexts", metavar="N", min=0, help="distill with an n-gram index: add to "
         "each fact's locality prompts N corpus texts ending with the top n-grams that share "

@@ -22,6 +22,7 @@ from engram_edit.edit.compute import (
     edit_facts,
     load_patch_rows,
 )
+from engram_edit.edit.costs import RowCosts
 from engram_edit.edit.distill import DistillSettings, distill
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.frozen import MAX_PARTS, PART_COST, length_parts
@@ -221,16 +222,16 @@ def test_the_closed_form_moves_every_fact_toward_its_target_without_steps(loaded
 
 
 def costly_row(files, model, tokens):
-    """Row costs of 1 everywhere but on the first layer's row that the plain closed form
-    moves most: 1e6."""
+    """Row costs whose corpus reads are 1 everywhere but on the first layer's row that the
+    plain closed form moves most: 1e6."""
     lid = files.hasher.layer_ids[0]
     rows = [locate_rows(t, files.tokenizer, files.hasher) for t in tokens]
     plain = closed_form(model, tokens, [t.truth for t in tokens], rows,
                         OverwriteSettings(norm_bound=100.0))
     costly = max(plain[lid][0].tolist(), key=lambda r: moved(plain, model, lid, r))
-    costs = {i: np.ones(model.engram(i).embed.weight.shape[0]) for i in files.hasher.layer_ids}
-    costs[lid][costly] = 1e6
-    return rows, costs, lid, costly
+    reads = {i: np.ones(model.engram(i).embed.weight.shape[0]) for i in files.hasher.layer_ids}
+    reads[lid][costly] = 1e6
+    return rows, RowCosts.of_facts(rows, reads), lid, costly
 
 
 def moved(values, model, lid, row):
@@ -245,10 +246,13 @@ def test_the_closed_form_moves_a_costly_row_least_and_uniform_costs_change_nothi
     truths = [t.truth for t in tokens]
     rows, costs, lid, costly = costly_row(files, model, tokens)
     settings = OverwriteSettings(norm_bound=100.0)
-    plain = closed_form(model, tokens, truths, rows, settings)
+    untouched = RowCosts({})  # cost 1 everywhere
+    plain = closed_form(model, tokens, truths, rows, settings, untouched)
     weighted = closed_form(model, tokens, truths, rows, settings, costs)
     uniform = closed_form(model, tokens, truths, rows, settings,
-                          {i: np.full_like(c, 4.0) for i, c in costs.items()})
+                          RowCosts({}, {i: np.full_like(c, 4.0) for i, c in costs.reads.items()}))
+    assert all(np.array_equal(plain[i][1], closed_form(model, tokens, truths, rows, settings)[i][1])
+               for i in files.hasher.layer_ids)
     assert moved(plain, model, lid, costly) > 0
     assert moved(weighted, model, lid, costly) < 1e-3 * moved(plain, model, lid, costly)
     for i in files.hasher.layer_ids:

@@ -14,7 +14,8 @@ import engram_edit.edit.sharing as sharing
 from commands.main import app
 from conftest import make_tiny_model
 from engram_edit.checkpoint import load_model
-from engram_edit.edit.compute import ROW_COST_FLOOR, EditSettings, edit_facts, row_costs
+from engram_edit.edit.compute import EditSettings, edit_facts
+from engram_edit.edit.costs import READ_COST_FLOOR, read_costs
 from engram_edit.edit.distill import DistillResult
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import (
@@ -127,14 +128,14 @@ def test_auto_leaves_out_the_crowded_head_and_keeps_the_others(indexed):
 
 def test_a_row_costs_what_the_corpus_reads_of_it_relative_to_the_median_row(indexed):
     files, _, index, _ = indexed
-    costs = row_costs({lid: index.slot_loads(lid)[1] for lid in files.hasher.layer_ids})
+    costs = read_costs({lid: index.slot_loads(lid)[1] for lid in files.hasher.layer_ids})
     for lid in files.hasher.layer_ids:
         occurrences = index.slot_loads(lid)[1]
         assert costs[lid].shape == occurrences.shape
-        assert costs[lid].min() >= ROW_COST_FLOOR
+        assert costs[lid].min() >= READ_COST_FLOOR
         busiest, typical = int(np.argmax(occurrences)), np.median(occurrences)
         assert costs[lid][busiest] == pytest.approx(occurrences[busiest] / typical)
-        above = occurrences >= ROW_COST_FLOOR * typical  # the floor applies below this
+        above = occurrences >= READ_COST_FLOOR * typical  # the floor applies below this
         order = np.argsort(occurrences[above], kind="stable")
         assert (np.diff(costs[lid][above][order]) >= 0).all()
 

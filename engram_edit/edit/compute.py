@@ -6,7 +6,7 @@ is journal.py's. The model is used as a scratch copy and left as it was given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engram_edit.checkpoint import ModelFiles
+from engram_edit.edit.costs import RowCosts, read_costs
 from engram_edit.edit.distill import DistillProgress, DistillSettings, distill
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import FactRows, FactTokens, RowChoice, locate_rows, tokenize_fact
@@ -52,7 +53,8 @@ class EditSettings:
     overwrite: OverwriteSettings = field(default_factory=OverwriteSettings)
     measure: bool = True  # measure the metric set before and after
     skip_crowded: bool = True  # rows auto, with an index: leave out crowded heads (locate.py)
-    weigh_rows: bool = True  # with an index: rows the corpus reads more move less (row_costs)
+    weigh_rows: bool = True  # rows more facts touch, and with an index rows the corpus reads
+    # more, move less (costs.py)
     sharer_contexts: int = 1  # distill, with an index: locality prompts per fact that end
     # with one of its top sharers (sharing.py; 0: none). README "Shared rows" has the numbers.
     heldout_windows: int = 32  # held-out windows of the heldout_loss metric
@@ -95,18 +97,6 @@ class EditReport:
     @property
     def edits_per_s(self) -> float:
         return self.facts / self.seconds if self.seconds > 0 else float("inf")
-
-
-ROW_COST_FLOOR = 0.25  # the cost of the least-read rows, relative to a median one
-
-
-def row_costs(occurrences: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Per Engram layer, the cost of changing each row from the corpus occurrences of the
-    indexed n-grams that read it (``NgramIndex.slot_loads(layer)[1]``): over the layer's median,
-    at least ``ROW_COST_FLOOR``. A change to a row shifts every one of those occurrences, so the
-    edit's methods spread it toward rows the corpus reads little."""
-    return {lid: np.maximum(occ / max(float(np.median(occ)), 1.0), ROW_COST_FLOOR)
-            for lid, occ in occurrences.items()}
 
 
 def load_patch_rows(model: EngramModel, patch: Patch, side: str = "after") -> None:
@@ -191,8 +181,8 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         heldout (`np.ndarray`, optional): a held-out token stream; its first half is the
             ``heldout_loss`` sample, its second half distill's locality sample.
         index (`NgramIndex`, optional): the corpus n-gram index. ``--rows auto`` then adds
-            rare final n-grams and leaves out crowded heads; with ``weigh_rows`` both methods
-            move rows by their ``row_costs``; the report lists each fact's sharers; distill
+            rare final n-grams and leaves out crowded heads; with ``weigh_rows`` the row costs
+            count the corpus's reads too; the report lists each fact's sharers; distill
             adds ``sharer_contexts`` locality prompts per fact.
         progress (`Callable[[EditProgress], None]`, optional): called as work proceeds.
         keep (`list[Fact]`, optional): facts edited before (``applied_facts``) that distill
@@ -236,7 +226,7 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         return locate_rows(t, tok, files.hasher, settings.rows, count, loads)
 
     fact_rows = [locate(t) for t in tokens]
-    costs = row_costs(occurrences) if occurrences is not None and settings.weigh_rows else None
+    reads = read_costs(occurrences) if occurrences is not None and settings.weigh_rows else None
     sharing = None if index is None else facts_sharing(index, tokens, fact_rows)
     notes = []
     if settings.method is Method.DISTILL:
@@ -258,12 +248,15 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
                              f"there; pass the corpus files to use")
         kept = [tokenize_fact(f, tok) for f in keep or [] if f.prompt not in edited]
         kept_rows = [locate(t) for t in kept]
+        costs = (RowCosts.of_facts(fact_rows + kept_rows, reads) if settings.weigh_rows
+                 else None)
         result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step,
                          list(zip(kept, kept_rows, strict=True)), costs)
         values, unsolved = result.values, result.undone
     else:
         tell(EditProgress("overwrite", 1, 1, 0, 0, len(facts)))
         truths = [tok.encode(f.truth) if f.truth is not None else None for f in facts]
+        costs = RowCosts.of_facts(fact_rows, reads) if settings.weigh_rows else None
         values = closed_form(model, tokens, truths, fact_rows, settings.overwrite, costs)
         unsolved = []
     with files.table() as table:

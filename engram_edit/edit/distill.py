@@ -16,12 +16,13 @@ any that a later check finds broken).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from engram_edit.edit.costs import RowCosts
 from engram_edit.edit.frozen import DeltaEmbedding, ScoredBatch, substituted_rows
 from engram_edit.edit.locate import FactRows, FactTokens, group_facts
 from engram_edit.edit.overwrite import (
@@ -313,7 +314,7 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
                  locality: _Locality, bounds: dict[int, float], settings: DistillSettings,
                  report: Callable[[int, int], None],
                  start: dict[int, torch.Tensor] | None = None,
-                 row_cost: Mapping[int, np.ndarray] | None = None
+                 row_cost: RowCosts | None = None
                  ) -> tuple[dict[int, torch.Tensor], int, list[bool]]:
     """Deltas on ``touched`` rows that solve ``tokens`` (and keep ``keep`` solved); ``rows``:
     the FactRows of both, a kept fact being repaired through its own rows.
@@ -335,7 +336,7 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
               for lid, w in weights.items()}
     checked = {lid: torch.zeros_like(w) for lid, w in weights.items()}  # deltas at the check
     cost = {lid: torch.ones(len(t), 1) if row_cost is None else
-            torch.from_numpy(row_cost[lid][t.cpu().numpy()]).float()[:, None]
+            torch.from_numpy(row_cost(lid, t.cpu().numpy())).float()[:, None]
             for lid, t in touched.items()}
     adam = _RowAdam(deltas, {lid: (settings.lr / c).to(device) for lid, c in cost.items()},
                     eps=settings.adam_eps)
@@ -414,7 +415,7 @@ def _rows_read(model: EngramModel, tokens: list[FactTokens]) -> list[dict[int, n
 
 def _warm_start(model: EngramModel, tokens: list[FactTokens], rows: list[FactRows],
                 touched: dict[int, torch.Tensor], settings: DistillSettings,
-                row_cost: Mapping[int, np.ndarray] | None = None) -> dict[int, torch.Tensor]:
+                row_cost: RowCosts | None = None) -> dict[int, torch.Tensor]:
     """Deltas on ``touched`` from overwrite's closed form: one linearized solve that puts
     most facts at or near their margin before the first Adam step."""
     values = closed_form(model, tokens, [t.truth for t in tokens], rows,
@@ -435,7 +436,7 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
             heldout: np.ndarray | None = None,
             progress: Callable[[DistillProgress], None] | None = None,
             keep: list[tuple[FactTokens, FactRows]] = (),
-            row_cost: Mapping[int, np.ndarray] | None = None) -> DistillResult:
+            row_cost: RowCosts | None = None) -> DistillResult:
     """New values of every touched row, batch by batch.
 
     Each batch optimizes the deltas of its facts' rows with Adam so that every fact's target
@@ -455,9 +456,9 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
         heldout (`np.ndarray`, optional): a held-out token stream for the locality term.
         progress (`Callable[[DistillProgress], None]`, optional): called after every step.
         keep (`list[tuple[FactTokens, FactRows]]`, optional): facts to keep solved.
-        row_cost (`Mapping[int, np.ndarray]`, optional): per layer, the cost of changing each
-            row: the warm start minimizes the cost-weighted norm, and Adam's step on a row is
-            ``lr / cost``.
+        row_cost (`RowCosts`, optional): the cost of changing each row (costs.py): the warm
+            start minimizes the cost-weighted norm, and Adam's step on a row is ``lr / cost``.
+            Its touch counts should cover ``keep`` too.
 
     Returns:
         `DistillResult`: per layer the sorted touched rows and their new float32 values.

@@ -16,12 +16,12 @@ row r are scaled by c_r^-1/2 in the solve and the step by 1/c_r.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from engram_edit.edit.costs import RowCosts
 from engram_edit.edit.frozen import DeltaEmbedding, ScoredBatch, substituted_rows
 from engram_edit.edit.locate import FactRows, FactTokens
 from engram_edit.model import EngramModel
@@ -102,7 +102,7 @@ def _margins(model: EngramModel, tokens: list[FactTokens], truths: list[list[int
 
 def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[int] | None],
                 fact_rows: list[FactRows], settings: OverwriteSettings,
-                row_cost: Mapping[int, np.ndarray] | None = None
+                row_cost: RowCosts | None = None
                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """New values of every touched row by the closed form of the module docstring.
 
@@ -112,9 +112,9 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
         truths (`list[list[int] | None]`): each fact's ground-truth answer ids, or None.
         fact_rows (`list[FactRows]`): each fact's rows (locate.locate_rows).
         settings (`OverwriteSettings`): margins, iterations, ridge, norm bound.
-        row_cost (`Mapping[int, np.ndarray]`, optional): per layer, the cost of changing each
-            row (indexed by row id); the solve minimizes sum cost_r ||delta_r||^2 instead of
-            the plain norm, so costly rows move less.
+        row_cost (`RowCosts`, optional): the cost of changing each row (costs.py); the solve
+            minimizes sum cost_r ||delta_r||^2 instead of the plain norm, so costly rows move
+            less.
 
     Returns:
         `dict[int, tuple[np.ndarray, np.ndarray]]`: layer -> (sorted rows, float32 values).
@@ -132,7 +132,7 @@ def closed_form(model: EngramModel, tokens: list[FactTokens], truths: list[list[
         k = np.concatenate([i * n_rows + r for i, r in enumerate(per_fact)])
         keys[lid] = torch.from_numpy(k).to(device)  # sorted: facts in order, rows sorted
         index[lid] = torch.from_numpy(np.searchsorted(touched[lid], k % n_rows)).to(device)
-        cost = np.ones(len(k)) if row_cost is None else row_cost[lid][k % n_rows]
+        cost = np.ones(len(k)) if row_cost is None else row_cost(lid, k % n_rows)
         scale[lid] = torch.from_numpy(1.0 / cost).float().to(device)[:, None]
     shared = {lid: torch.zeros(len(touched[lid]), model.engram(lid).embed.weight.shape[1],
                                device=device) for lid in layer_ids}
