@@ -15,6 +15,7 @@ from commands.main import app
 from conftest import make_tiny_model
 from engram_edit import paths
 from engram_edit.checkpoint import load_model, open_model
+from engram_edit.edit import compute
 from engram_edit.edit.compute import (
     EditSettings,
     Method,
@@ -259,6 +260,31 @@ def test_the_closed_form_moves_a_costly_row_least_and_uniform_costs_change_nothi
         assert np.allclose(uniform[i][1], plain[i][1], atol=1e-5)
         others = plain[i][0] != costly if i == lid else slice(None)
         assert not np.allclose(weighted[i][1][others], plain[i][1][others])  # they take it up
+
+
+def test_distill_costs_count_the_kept_facts_touches_and_overwrite_the_batchs(loaded,
+                                                                              monkeypatch):
+    files, model = loaded
+    seen = {}
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            seen[name] = args[5] if name == "closed_form" else args[8]
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(compute, "distill", spy("distill", compute.distill))
+    monkeypatch.setattr(compute, "closed_form", spy("closed_form", compute.closed_form))
+    new, kept = facts()[:2], facts()[2:]
+    edit_facts(files, model, new, EditSettings(distill=STRONG, measure=False), keep=kept)
+    edit_facts(files, model, new, EditSettings(method=Method.OVERWRITE, measure=False))
+    rows = {f.prompt: locate_rows(tokenize_fact(f, files.tokenizer), files.tokenizer,
+                                  files.hasher) for f in facts()}
+    for name, counted in (("distill", facts()), ("closed_form", new)):
+        for lid in files.hasher.layer_ids:
+            every = np.concatenate([rows[f.prompt].rows[lid] for f in counted])
+            ids, times = np.unique(every, return_counts=True)
+            assert np.array_equal(seen[name](lid, ids), times.astype(float))
 
 
 def test_distill_leaves_a_costly_row_nearly_still(loaded):

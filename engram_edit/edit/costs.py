@@ -9,8 +9,8 @@ A row's cost is the product of two counts of what else depends on it:
   patches that it keeps solved. A row several facts touch is pushed toward several targets at
   once and piles up their changes (an n-gram such as " of E" opens many subjects), and a row an
   earlier patch moved would move further. Such rows hit everything hashed onto them hardest:
-  in a benchmark sequence of 10 patches, most known facts that were lost were lost to one row
-  each, read at their last position, moved by 3 to 7 (rows have norm 1 to 2).
+  in a benchmark sequence of 10 patches, each known fact that was lost was lost to one or two
+  rows read at its last position, moved by 3 to 7 (rows have norm 1 to 2).
 """
 
 from __future__ import annotations
