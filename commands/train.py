@@ -30,12 +30,17 @@ def train_command(
     tokens: Annotated[int | None, typer.Option(help="Train on this many tokens.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the last checkpoint in --out.")
                       ] = False,
+    init: Annotated[Path | None, typer.Option(
+        "--init", metavar="DIR", help="Start from this model's weights (same config and "
+        "tokenizer) instead of a random init: continued training on a new mix.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of init and data order.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the backbone.")] = 3e-3,
     table_lr: Annotated[float, typer.Option(help="Peak learning rate of the Engram tables.")
                         ] = 2e-2,
+    warmup_steps: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up.")
+                            ] = 100,
     eval_every: Annotated[int, typer.Option(help="Steps between validation runs.")] = 200,
     checkpoint_minutes: Annotated[float, typer.Option(help="Minutes between checkpoints.")
                                   ] = 5.0,
@@ -62,6 +67,7 @@ def train_command(
       engram-edit train --corpus build/corpus --out build/model --tokens 2000000
       engram-edit train --corpus build/corpus --out build/model --config cfg.json --minutes 40
       engram-edit train --corpus build/corpus --out build/model --minutes 40 --resume
+      engram-edit train --corpus build/mix --out build/model2 --init build/model --minutes 30
     """
     from engram_edit.train import TrainProgress, TrainSettings, train
 
@@ -76,9 +82,11 @@ def train_command(
                             f"tokenizer's {tok.vocab_size}")
     settings = TrainSettings(tokens=tokens, minutes=minutes, batch_size=batch_size,
                              seq_len=seq_len, lr=lr, table_lr=table_lr, eval_every=eval_every,
+                             warmup_steps=warmup_steps,
                              checkpoint_seconds=checkpoint_minutes * 60, seed=seed,
                              device=device, bf16=bf16, threads=threads, out_dtype=dtype,
-                             compile=compile, memory_dropout=memory_dropout)
+                             compile=compile, memory_dropout=memory_dropout,
+                             init=None if init is None else str(init))
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                TextColumn("valid {task.fields[valid]}"), TimeElapsedColumn(),

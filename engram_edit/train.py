@@ -57,6 +57,7 @@ class TrainSettings:
     # memory and an ablation measures what lives in the tables rather than broken co-adaptation.
     memory_dropout: float = 0.0
     out_dtype: str = "float32"  # storage dtype of the final model.safetensors
+    init: str | None = None  # a model directory whose weights start the run (same geometry)
 
     def problems(self) -> list[str]:
         p = []
@@ -199,6 +200,24 @@ def evaluate(model: EngramModel, batches: list[torch.Tensor], s: TrainSettings,
     return on, off
 
 
+def _load_init(model: EngramModel, path: Path, tokenizer: EngramTokenizer) -> None:
+    """Start from the weights of the model in ``path``, which must have this geometry and
+    tokenizer (continued training, e.g. on a new data mix)."""
+    from engram_edit.checkpoint import load_model
+
+    files, init = load_model(path, device="cpu")
+    ours, theirs = model.state_dict(), init.state_dict()
+    problems = [f"--init {path}: {k} has shape {tuple(theirs[k].shape) if k in theirs else None}"
+                f", the run's model {tuple(v.shape)}" for k, v in ours.items()
+                if k not in theirs or theirs[k].shape != v.shape]
+    problems += [f"--init {path}: {k} is not in the run's model" for k in theirs if k not in ours]
+    if files.tokenizer.sha256 != tokenizer.sha256:
+        problems.append(f"--init {path}: its tokenizer.json differs from the run's")
+    if problems:
+        raise BadInputError(problems)
+    model.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+
+
 def _save_state(out: Path, model: EngramModel, opt: torch.optim.Optimizer, meta: dict) -> None:
     state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +253,8 @@ def train(corpus: Path, out: Path, config: EngramConfig, tokenizer: EngramTokeni
 
     torch.manual_seed(settings.seed)
     model = EngramModel(config, model_compression(config, tokenizer)).to(device)
+    if settings.init and not resume:
+        _load_init(model, Path(settings.init), tokenizer)
     opt = _optimizer(model, settings)
     step, tokens, elapsed, history = 0, 0, 0.0, []
     if resume:

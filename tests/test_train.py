@@ -110,3 +110,32 @@ def test_train_command_writes_a_loadable_model(tmp_path, corpus):
     assert record["steps"] == 4
     files, _ = load_model(tmp_path / "m", device="cpu")
     assert files.config.engram_num_embeddings is not None
+
+
+def test_init_starts_from_the_given_models_weights(tmp_path, corpus):
+    tok = EngramTokenizer.from_file(TINY_TOKENIZER)
+    first = train(corpus, tmp_path / "a", tiny_config(), tok, _settings())
+    start = _weights(tmp_path / "a")
+    seen = {}
+
+    def first_loss(p):
+        seen.setdefault("loss", p.loss)
+
+    train(corpus, tmp_path / "b", tiny_config(), tok, _settings(init=str(tmp_path / "a")),
+          on_progress=first_loss)
+    fresh = {}
+    train(corpus, tmp_path / "c", tiny_config(), tok, _settings(),
+          on_progress=lambda p: fresh.setdefault("loss", p.loss))
+    assert seen["loss"] < fresh["loss"]  # the first step already knows what run "a" learned
+    assert first.train_loss < fresh["loss"]
+    moved = _weights(tmp_path / "b")
+    assert any(not torch.equal(start[k], moved[k]) for k in start)
+
+
+def test_init_with_another_geometry_is_refused(tmp_path, corpus):
+    tok = EngramTokenizer.from_file(TINY_TOKENIZER)
+    train(corpus, tmp_path / "a", tiny_config(), tok, _settings())
+    with pytest.raises(BadInputError, match="has shape"):
+        train(corpus, tmp_path / "b", tiny_config(hidden_size=48), tok,
+              _settings(init=str(tmp_path / "a")))
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
