@@ -262,6 +262,20 @@ def test_the_closed_form_moves_a_costly_row_least_and_uniform_costs_change_nothi
         assert not np.allclose(weighted[i][1][others], plain[i][1][others])  # they take it up
 
 
+def test_distill_runs_facts_in_several_batches_and_keeps_earlier_batches_solved(loaded):
+    files, model = loaded
+    one_by_one = DistillSettings(steps=60, lr=0.3, norm_bound=100.0, heldout_windows=0,
+                                 batch_facts=1)
+    report = edit_facts(files, model, facts(), EditSettings(distill=one_by_one))
+    load_patch_rows(model, report.patch, "after")
+    try:  # three batches of one fact; a fact solved in its batch is still solved at the end
+        hits = [fact_metrics(model, files.tokenizer, [f]).efficacy == 1.0 for f in facts()]
+    finally:
+        load_patch_rows(model, report.patch, "before")
+    solved = [i for i in range(len(FACTS)) if i not in report.unsolved]
+    assert solved and all(hits[i] for i in solved)
+
+
 def test_distill_costs_count_the_kept_facts_touches_and_overwrite_the_batchs(loaded,
                                                                               monkeypatch):
     files, model = loaded

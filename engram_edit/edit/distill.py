@@ -473,7 +473,8 @@ def distill(model: EngramModel, tokens: list[FactTokens], fact_rows: list[FactRo
     tokens = list(tokens) + [t for t, _ in keep]
     fact_rows = list(fact_rows) + [r for _, r in keep]
     solved = list(range(len(tokens) - len(keep), len(tokens)))
-    reads = _rows_read(model, tokens) if keep else []
+    # which rows each fact reads, for facts of earlier batches and of ``keep``
+    reads = _rows_read(model, tokens) if keep or len(batches) > 1 else []
     try:
         for k, batch in enumerate(batches):
             touched = {lid: torch.from_numpy(np.unique(np.concatenate(
