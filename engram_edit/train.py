@@ -70,6 +70,8 @@ class TrainSettings:
         for name in ("batch_size", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be >= 1")
+        if self.warmup_steps < 0:
+            p.append(f"--warmup-steps: must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.memory_dropout < 1.0:
             p.append(f"--memory-dropout: must be in [0, 1), got {self.memory_dropout}")
         return p
