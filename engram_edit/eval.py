@@ -74,7 +74,7 @@ def score_completions(model: EngramModel, tokenizer: EngramTokenizer, prompts: S
 
 @dataclass
 class AblationRow:
-    name: str  # "facts" or "text"
+    name: str  # "facts", "text", or a probe group: "capital (heldout)"
     items: int
     top1_memory: float
     top1_no_memory: float
@@ -82,21 +82,33 @@ class AblationRow:
     loss_no_memory: float
 
     @property
-    def kept(self) -> float:
-        """Share of top-1 accuracy kept when the memory is off."""
-        return self.top1_no_memory / self.top1_memory if self.top1_memory else float("nan")
+    def kept(self) -> float | None:
+        """Share of top-1 accuracy kept when the memory is off (None when top-1 is 0)."""
+        return self.top1_no_memory / self.top1_memory if self.top1_memory else None
 
 
-def read_probes(path: str | Path, min_count: int | None = None) -> tuple[list[str], list[str]]:
-    """Prompts and targets of a probe file (JSONL with "prompt" and "target"); with
-    ``min_count``, only the probes whose "count" (corpus occurrences) is at least that.
+@dataclass(frozen=True)
+class Probe:
+    """A factual completion: ``target`` (with its leading space) should follow ``prompt``."""
+
+    prompt: str
+    target: str
+    relation: str = "entity"  # what it asks ("capital"); entity-name completions are "entity"
+    phrasing: str = "trained"  # "heldout": a wording the training text never uses
+    count: int | None = None  # occurrences in the training corpus, where mined from it
+
+
+def read_probes(path: str | Path, min_count: int | None = None) -> list[Probe]:
+    """The probes of a JSONL file ("prompt" and "target"; optional "relation", "phrasing" and
+    "count"); with ``min_count``, only the probes whose "count" (corpus occurrences) is at
+    least that.
 
     Raises:
         BadInputError: unreadable file, a line that is not such an object, a line without an
             integer "count" when ``min_count`` is given, or no probes left.
     """
     path = Path(path)
-    prompts, targets, problems = [], [], []
+    probes, problems = [], []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -106,37 +118,56 @@ def read_probes(path: str | Path, min_count: int | None = None) -> tuple[list[st
             continue
         try:
             rec = json.loads(line)
-            prompt, target = str(rec["prompt"]), str(rec["target"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            probe = Probe(str(rec["prompt"]), str(rec["target"]),
+                          str(rec.get("relation", "entity")), str(rec.get("phrasing", "trained")),
+                          rec.get("count"))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             problems.append(f"{path}:{n}: not a JSON object with 'prompt' and 'target'")
             continue
+        if probe.phrasing not in ("trained", "heldout"):
+            problems.append(f"{path}:{n}: phrasing: must be 'trained' or 'heldout'")
+            continue
         if min_count is not None:
-            count = rec.get("count")
+            count = probe.count
             if not isinstance(count, int) or isinstance(count, bool):
                 problems.append(f"{path}:{n}: count: missing or not an integer (--min-count "
                                 f"needs the corpus count of every probe)")
                 continue
             if count < min_count:
                 continue
-        prompts.append(prompt)
-        targets.append(target)
+        probes.append(probe)
     if problems:
         raise BadInputError(problems)
-    if not prompts:
+    if not probes:
         raise BadInputError(f"{path}: no probes" + (f" with count >= {min_count}"
                                                     if min_count is not None else ""))
-    return prompts, targets
+    return probes
 
 
-def fact_ablation(model: EngramModel, tokenizer: EngramTokenizer, prompts: list[str],
-                  targets: list[str]) -> AblationRow:
+def _ablation_row(name: str, on: CompletionScores, off: CompletionScores,
+                  keep: np.ndarray) -> AblationRow:
+    n_tokens = on.tokens[keep].sum()
+    return AblationRow(name, int(keep.sum()), float(on.greedy[keep].mean()),
+                       float(off.greedy[keep].mean()),
+                       float(-on.logprob[keep].sum() / n_tokens),
+                       float(-off.logprob[keep].sum() / n_tokens))
+
+
+def fact_ablation(model: EngramModel, tokenizer: EngramTokenizer, probes: Sequence[Probe],
+                  by_relation: bool = False) -> list[AblationRow]:
     """Key "facts": top-1 = share of prompts whose greedy continuation is the whole target;
-    loss = mean per-token negative log-likelihood of the targets; memory on and off."""
+    loss = mean per-token negative log-likelihood of the targets; memory on and off. With
+    ``by_relation``, one more row per relation and phrasing, named "capital (heldout)", in
+    the order the probes first name them."""
+    prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
     on = score_completions(model, tokenizer, prompts, targets, memory=True)
     off = score_completions(model, tokenizer, prompts, targets, memory=False)
-    n_tokens = on.tokens.sum()
-    return AblationRow("facts", len(prompts), float(on.greedy.mean()), float(off.greedy.mean()),
-                       float(-on.logprob.sum() / n_tokens), float(-off.logprob.sum() / n_tokens))
+    rows = [_ablation_row("facts", on, off, np.ones(len(probes), dtype=bool))]
+    if by_relation:
+        groups = np.array([f"{p.relation} ({p.phrasing})" for p in probes])
+        for name in dict.fromkeys(groups):
+            rows.append(_ablation_row(str(name), on, off, groups == name))
+    return rows
 
 
 @torch.no_grad()

@@ -34,9 +34,10 @@ def test_bundled_model_is_found_and_small():
 
 def test_frequent_entity_completions_live_in_the_memory(bundled):
     files, model = bundled
-    prompts, targets = read_probes(bundled_probes_file(), min_count=10)
+    probes = read_probes(bundled_probes_file(), min_count=10)
     records = [json.loads(line) for line in bundled_probes_file().read_text().splitlines()]
-    assert len(prompts) == sum(r["count"] >= 10 for r in records) > 50
+    assert len(probes) == sum(r.get("count", 0) >= 10 for r in records) > 50
+    prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
     on = score_completions(model, files.tokenizer, prompts, targets, memory=True).greedy.mean()
     off = score_completions(model, files.tokenizer, prompts, targets, memory=False).greedy.mean()
     assert on >= 0.70
@@ -45,7 +46,7 @@ def test_frequent_entity_completions_live_in_the_memory(bundled):
 
 def test_facts_fall_much_more_than_plain_text_without_memory(bundled):
     files, model = bundled
-    facts = fact_ablation(model, files.tokenizer, *read_probes(bundled_probes_file()))
+    facts = fact_ablation(model, files.tokenizer, read_probes(bundled_probes_file()))[0]
     stream = np.asarray(tokenize_texts(bundled_heldout_file(), files.tokenizer))
     text = text_ablation(model, stream, windows=8)
     assert text.loss_memory < text.loss_no_memory  # memory on is clearly better
@@ -59,17 +60,18 @@ def test_eval_min_count_reports_the_frequent_probes_only(tmp_path):
     records = [json.loads(line) for line in bundled_probes_file().read_text().splitlines()]
     facts = next(r for r in out["rows"] if r["name"] == "facts")
     assert out["min_count"] == 10
-    assert facts["items"] == sum(r["count"] >= 10 for r in records)
+    assert facts["items"] == sum(r.get("count", 0) >= 10 for r in records)
 
 
 def test_min_count_needs_a_count_on_every_probe(tmp_path):
     probes = tmp_path / "probes.jsonl"
     probes.write_text('{"prompt": "Sri", "target": " Lanka", "count": 40}\n'
                       '{"prompt": "the Milky", "target": " Way"}\n')
-    assert read_probes(probes) == (["Sri", "the Milky"], [" Lanka", " Way"])
+    assert [(p.prompt, p.target) for p in read_probes(probes)] == [("Sri", " Lanka"),
+                                                                    ("the Milky", " Way")]
     counted = tmp_path / "counted.jsonl"
     counted.write_text(probes.read_text().replace('" Way"}', '" Way", "count": 12}'))
-    assert read_probes(counted, min_count=20) == (["Sri"], [" Lanka"])
+    assert [p.prompt for p in read_probes(counted, min_count=20)] == ["Sri"]
     result = CliRunner().invoke(app, ["eval", "--probes", str(probes), "--min-count", "5"])
     assert result.exit_code == 2
     assert f"{probes}:2: count: missing" in result.stderr
@@ -81,8 +83,8 @@ def test_known_facts_are_the_true_facts_the_bundled_model_gets_right(bundled):
     known = read_facts(Path(__file__).parents[1] / "fixtures" / "facts" / "known_facts.jsonl")
     assert len(known) >= 50
     assert greedy_hits(model, files.tokenizer, known).all()
-    prompts, targets = read_probes(bundled_probes_file())
-    probes = [Fact(p, p, t.strip()) for p, t in zip(prompts, targets, strict=True)]
+    probes = [Fact(p.prompt, p.prompt, p.target.strip())
+              for p in read_probes(bundled_probes_file()) if p.relation == "entity"]
     right = {f.prompt for f, ok in zip(probes, greedy_hits(model, files.tokenizer, probes),
                                        strict=True) if ok}
     assert right == {f.prompt for f in known}

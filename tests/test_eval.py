@@ -1,0 +1,80 @@
+"""`eval --ablate` on probe files: the total row, one row per relation and phrasing, JSON."""
+
+import json
+
+from typer.testing import CliRunner
+
+from commands.main import app
+from conftest import make_tiny_model
+from engram_edit.checkpoint import load_model
+from engram_edit.eval import Probe, fact_ablation, read_probes, score_completions
+
+PROBES = [
+    {"prompt": "The capital of France is", "target": " Paris", "relation": "capital",
+     "phrasing": "trained"},
+    {"prompt": "France has its capital in", "target": " Paris", "relation": "capital",
+     "phrasing": "heldout"},
+    {"prompt": "The capital of Peru is", "target": " Lima", "relation": "capital",
+     "phrasing": "trained"},
+    {"prompt": "Iron has the symbol", "target": " Fe", "relation": "element_symbol",
+     "phrasing": "trained"},
+    {"prompt": "the Milky", "target": " Way", "count": 40},
+]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_probes_default_to_entity_completions_in_trained_wording(tmp_path):
+    probes = read_probes(_write(tmp_path / "p.jsonl", PROBES))
+    assert probes[0] == Probe("The capital of France is", " Paris", "capital", "trained")
+    assert probes[-1] == Probe("the Milky", " Way", "entity", "trained", 40)
+
+
+def test_a_phrasing_other_than_trained_or_heldout_is_refused(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [{**PROBES[0], "phrasing": "seen"}])
+    result = CliRunner().invoke(app, ["eval", "--probes", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:1: phrasing: must be 'trained' or 'heldout'" in result.stderr
+
+
+def test_rows_per_relation_and_phrasing_add_up_to_the_total(tmp_path):
+    make_tiny_model(tmp_path / "m")
+    files, model = load_model(tmp_path / "m", device="cpu")
+    probes = read_probes(_write(tmp_path / "p.jsonl", PROBES))
+    rows = fact_ablation(model, files.tokenizer, probes, by_relation=True)
+    assert [r.name for r in rows] == ["facts", "capital (trained)", "capital (heldout)",
+                                      "element_symbol (trained)", "entity (trained)"]
+    assert [r.items for r in rows] == [5, 2, 1, 1, 1]
+    on = score_completions(model, files.tokenizer, [p.prompt for p in probes],
+                           [p.target for p in probes], memory=True)
+    assert rows[1].top1_memory == on.greedy[[0, 2]].mean()
+    nll = -on.logprob[[0, 2]].sum() / on.tokens[[0, 2]].sum()
+    assert abs(rows[1].loss_memory - nll) < 1e-9
+
+
+def test_eval_ablate_json_has_a_row_per_group_and_no_nan(tmp_path):
+    make_tiny_model(tmp_path / "m")
+    probes = _write(tmp_path / "p.jsonl", PROBES)
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": "the Milky Way is a galaxy " * 100}) + "\n")
+    result = CliRunner().invoke(app, ["eval", "--ablate", "--model", str(tmp_path / "m"),
+                                      "--probes", str(probes), "--heldout", str(held),
+                                      "--windows", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "NaN" not in result.stdout
+    rows = {r["name"]: r for r in json.loads(result.stdout)["rows"]}
+    assert set(rows) == {"facts", "capital (trained)", "capital (heldout)",
+                         "element_symbol (trained)", "entity (trained)", "text"}
+    for r in rows.values():
+        assert r["kept"] is None or 0 <= r["kept"]
+        assert (r["kept"] is None) == (r["top1_memory"] == 0)
+
+
+def test_eval_windows_must_be_positive(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--windows", "0"])
+    assert result.exit_code == 2
+    assert "--windows: must be at least 1" in result.stderr
+    assert "Traceback" not in result.output
