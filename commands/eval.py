@@ -30,8 +30,8 @@ def eval_command(
         metavar="FILE", help="JSONL of {text} held-out documents. Default: the bundled "
         "model's validation split.")] = None,
     min_count: Annotated[int | None, typer.Option(
-        "--min-count", metavar="N", help="Only the probes that occur at least N times in the "
-        "corpus (their \"count\" field), e.g. 10 for the frequent entity n-grams.",
+        "--min-count", metavar="N", help="Only the entity probes that occur at least N times "
+        "in the corpus (their \"count\" field), e.g. 10 for the frequent entity n-grams.",
         show_default=False)] = None,
     windows: Annotated[int, typer.Option(help="Held-out windows of 256 tokens.")] = 32,
     model: ModelOpt = None,

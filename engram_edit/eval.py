@@ -100,12 +100,12 @@ class Probe:
 
 def read_probes(path: str | Path, min_count: int | None = None) -> list[Probe]:
     """The probes of a JSONL file ("prompt" and "target"; optional "relation", "phrasing" and
-    "count"); with ``min_count``, only the probes whose "count" (corpus occurrences) is at
-    least that.
+    "count"); with ``min_count``, only the entity probes whose "count" (corpus occurrences)
+    is at least that.
 
     Raises:
         BadInputError: unreadable file, a line that is not such an object, a line without an
-            integer "count" when ``min_count`` is given, or no probes left.
+            integer "count" on an entity probe when ``min_count`` is given, or no probes left.
     """
     path = Path(path)
     probes, problems = [], []
@@ -128,6 +128,8 @@ def read_probes(path: str | Path, min_count: int | None = None) -> list[Probe]:
             problems.append(f"{path}:{n}: phrasing: must be 'trained' or 'heldout'")
             continue
         if min_count is not None:
+            if probe.relation != "entity":
+                continue  # corpus counts are of entity names; fact probes have none
             count = probe.count
             if not isinstance(count, int) or isinstance(count, bool):
                 problems.append(f"{path}:{n}: count: missing or not an integer (--min-count "

@@ -63,7 +63,7 @@ def test_blank_lines_are_skipped_and_a_repeated_fact_is_kept(tmp_path):
 
 def test_the_fixture_counterfact_file_reads_whole():
     facts = read_facts(FIXTURE)
-    assert len(facts) == 1440
+    assert len(facts) == len(FIXTURE.read_text().splitlines()) >= 1000
     assert all(len(f.locality_prompts) == len(f.locality_answers) == 3 for f in facts)
 
 

@@ -1,6 +1,6 @@
 """The shipped probe and fact files parse and keep their documented shape (no model needed).
 
-Checks fixtures/probes/entities.jsonl and fixtures/facts/{counterfact,true_candidates}.jsonl
+Checks fixtures/probes/entities.jsonl and fixtures/facts/{counterfact,true_facts}.jsonl
 line by line, and a few of the mining and parsing rules in fixtures/recipe/ on fixed strings.
 """
 
@@ -17,7 +17,8 @@ import pytest
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 PROBES = FIXTURES / "probes" / "entities.jsonl"
 COUNTERFACT = FIXTURES / "facts" / "counterfact.jsonl"
-TRUE_CANDIDATES = FIXTURES / "facts" / "true_candidates.jsonl"
+KNOWN = FIXTURES / "facts" / "known_facts.jsonl"
+TRUE_FACTS = FIXTURES / "facts" / "true_facts.jsonl"
 
 PROBE_FIELDS = {"prompt": str, "target": str, "count": int, "share": float, "target_tokens": int}
 EDIT_FIELDS = {
@@ -25,7 +26,6 @@ EDIT_FIELDS = {
     "rephrase_prompt": list, "locality_prompt": list, "locality_ground_truth": list,
     "relation": str,
 }
-TRUE_FIELDS = {"prompt": str, "subject": str, "target_new": str, "relation": str}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -161,12 +161,28 @@ def test_locality_prompts_are_other_subjects_with_their_true_answers(edits):
             assert answer.casefold() != row["target_new"].casefold(), row
 
 
-def test_true_candidates_are_the_true_facts_of_the_edits_in_order(edits):
-    rows = _lines(TRUE_CANDIDATES)
-    _check_fields(TRUE_CANDIDATES, rows, TRUE_FIELDS)
-    expected = [{"prompt": e["prompt"], "subject": e["subject"], "target_new": e["ground_truth"],
-                 "relation": e["relation"]} for e in edits]
-    assert rows == expected
+def test_every_edit_is_a_known_fact_with_the_held_out_phrasings_as_rephrases(edits):
+    known = {(k["prompt"], k["target_new"]) for k in _lines(KNOWN)}
+    corpus = _load_recipe("build_fact_corpus")
+    for row in edits:
+        assert (row["prompt"], row["ground_truth"]) in known, row
+        heldout = corpus.RELATIONS[row["relation"]].heldout
+        assert row["rephrase_prompt"] == [corpus.prompt_of(t, row["subject"]) for t in heldout]
+        for prompt, answer in zip(row["locality_prompt"], row["locality_ground_truth"],
+                                  strict=True):
+            assert (prompt, answer) in known, row
+
+
+def test_true_facts_keep_their_source_package_and_version():
+    rows = _lines(TRUE_FACTS)
+    _check_fields(TRUE_FACTS, rows, {"relation": str, "subject": str, "answer": str,
+                                     "source": str, "version": str})
+    corpus = _load_recipe("build_fact_corpus")
+    assert {r["relation"] for r in rows} == set(corpus.RELATIONS)
+    assert len({(r["relation"], r["subject"]) for r in rows}) == len(rows)
+    for r in rows:
+        assert r["version"] and r["answer"] == r["answer"].strip(), r
+        assert not corpus._words(r["answer"]) & corpus._words(r["subject"]), r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,25 +194,27 @@ def test_probe_recipe_docstring_examples_hold():
     assert doctest.testmod(module).failed == 0
 
 
-def test_fact_parsers_keep_the_first_value_and_drop_asides():
-    facts = _load_recipe("build_facts")
-    assert facts.parse_capital("La Paz (seat of government); Sucre (constitutional)") == "La Paz"
-    assert facts.parse_capital("no official capital; government offices in Yaren") is None
-    assert facts.parse_nationality("Barbadian or Bajan (colloquial)") == "Barbadian"
-    assert facts.parse_official_language("French (official) 100%, regional dialects") == "French"
-    assert facts.parse_official_language("French (official), Creole (official)") is None
-    assert facts.parse_anthem('"La Marseillaise" (The Song of Marseille)') == "La Marseillaise"
-    assert facts.parse_highest_point("Mount Kenya 5,199 m") == "Mount Kenya"
-    assert facts.parse_highest_point("unnamed location 5 m") is None
-    assert facts.parse_independence_from("25 June 1975 (from Portugal)") == "Portugal"
-    assert facts.parse_independence_from("30 July 1980 (from France and the UK)") is None
+def test_held_out_phrasings_share_no_three_word_span_with_trained_ones():
+    corpus = _load_recipe("build_fact_corpus")
+    assert corpus.heldout_overlaps() == []
+    assert corpus._spans("The capital of {s} is {a}.", "capital") == set()
+    assert ("in", "which", "country") in corpus._spans("Q: In which country is {s}? A: {a}",
+                                                       "capital")
 
 
-def test_capital_regions_are_refused_when_the_name_is_a_guess():
-    facts = _load_recipe("build_facts")
-    adjectives = frozenset({"Indian", "Indonesian"})
-    known = ["Bosnia and Herzegovina", "Netherlands"]
-    assert facts.region_of("the Indian state of Kerala", adjectives, known) == "Kerala"
-    assert facts.region_of("Bosnia and Herzegovina", adjectives, known) == "Bosnia and Herzegovina"
-    assert facts.region_of("the West Java province of Indonesia", adjectives, known) is None
-    assert facts.region_of("Jammu and Kashmir", adjectives, known) is None
+def test_every_relation_has_six_trained_and_two_held_out_phrasings_ending_at_the_answer():
+    corpus = _load_recipe("build_fact_corpus")
+    for r in corpus.RELATIONS.values():
+        assert len(r.trained) >= 6 and len(r.heldout) >= 2, r.name
+        for t in r.trained + r.heldout:
+            assert t.count("{s}") == 1 and t.count("{a}") == 1, t
+            assert corpus.prompt_of(t, "X") == corpus.prompt_of(t, "X").rstrip()
+            assert t.split("{a}")[1] in ("", "."), t
+
+
+def test_currency_names_are_made_singular():
+    corpus = _load_recipe("build_fact_corpus")
+    assert corpus._singular("euros") == "euro"
+    assert corpus._singular("Danish kroner") == "Danish krone"
+    assert corpus._singular("kwanza") == "kwanza"
+    assert corpus._singular("Swiss francs") == "Swiss franc"

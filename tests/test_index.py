@@ -265,7 +265,7 @@ def test_the_bundled_index_goes_with_the_bundled_model():
     files = open_model(bundled_model_dir())
     index = default_index_for(files)
     assert index is not None and index.path == bundled_index_file()
-    assert (index.info.documents, index.info.min_count) == (125_357, 3)
+    assert (index.info.documents, index.info.min_count) == (125_357 + 302_400, 3)  # plain + facts
     gram = index.ngram_ids("the Ottoman")
     assert index.ngram_count(gram) >= 3
     for lid in files.config.engram_layer_ids:

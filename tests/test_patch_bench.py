@@ -22,6 +22,7 @@ def test_the_patch_benchmark_runs_small_and_its_undo_restores_every_file(tmp_pat
     assert set(batch["bars"]) == {"efficacy>=0.95", "neighbourhood>=0.95*before",
                                   "edits_per_s>=20", "heldout_loss_rise<1%"}
     assert seq["edits"] == 8 and len(seq["patches"]) == 2
-    assert seq["known_right_before"] == 80 and 0 <= seq["known_right_after"] <= 80
+    known = seq["known_right_before"]
+    assert known >= 500 and 0 <= seq["known_right_after"] <= known
     assert seq["sha256_equal"] and all(seq["sha256_equal"].values())
     assert seq["bars"]["undo_byte_identical"]
