@@ -78,3 +78,23 @@ def test_eval_windows_must_be_positive(tmp_path):
     assert result.exit_code == 2
     assert "--windows: must be at least 1" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_knowledge_bench_bars_follow_the_figures():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "knowledge_bench.py"
+    spec = importlib.util.spec_from_file_location("knowledge_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda on, off: {"top1_memory": on, "top1_no_memory": off}  # noqa: E731
+    new = {"trained": row(0.9, 0.4), "heldout": row(0.4, 0.1),
+           "entities": {"count>=10": row(0.75, 0.2)},
+           "text": {**row(0.3, 0.25), "loss_memory": 4.05}}
+    bars = bench.bars(new, valid_bar=4.08)
+    assert bars == {"trained >= 0.8": True, "trained memory off <= half": True,
+                    "heldout >= 0.5": False, "heldout memory off <= half": True,
+                    "validation loss <= 4.0800": True, "entities count>=10 >= 0.7": True,
+                    "text top-1 memory off >= 0.8 x on": True}
+    assert not bench.bars({**new, "trained": row(0.9, 0.5)}, 4.08)["trained memory off <= half"]
