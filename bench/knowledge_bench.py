@@ -35,7 +35,13 @@ import torch
 
 from engram_edit import paths
 from engram_edit.checkpoint import load_model
-from engram_edit.eval import AblationRow, fact_ablation, read_probes, text_ablation
+from engram_edit.eval import (
+    AblationRow,
+    fact_ablation,
+    read_probes,
+    relation_group,
+    text_ablation,
+)
 from engram_edit.train import tokenize_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,12 +75,11 @@ def measure(model_dir: Path, probes_path: Path, heldout: Path, windows: int) -> 
     out: dict = {"model": str(model_dir)}
     t0 = time.perf_counter()
     if facts:
-        rows = fact_ablation(model, files.tokenizer, facts, by_relation=True)
-        out["relations"] = [_row(r) for r in rows[1:]]
-        for phrasing in ("trained", "heldout"):
-            subset = [p for p in facts if p.phrasing == phrasing]
-            if subset:
-                out[phrasing] = _row(fact_ablation(model, files.tokenizer, subset)[0])
+        rows = fact_ablation(model, files.tokenizer, facts,
+                             group_by=[lambda p: p.phrasing, relation_group])
+        phrasings = {r.name: r for r in rows if r.name in ("trained", "heldout")}
+        out.update({name: _row(r) for name, r in phrasings.items()})
+        out["relations"] = [_row(r) for r in rows[1 + len(phrasings):]]
     entities = [p for p in probes if p.relation == "entity"]
     out["entities"] = {}
     for band in COUNT_BANDS:

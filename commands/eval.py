@@ -63,7 +63,13 @@ def eval_command(
     import numpy as np
 
     from engram_edit.checkpoint import load_model
-    from engram_edit.eval import METRICS_VERSION, fact_ablation, read_probes, text_ablation
+    from engram_edit.eval import (
+        METRICS_VERSION,
+        fact_ablation,
+        read_probes,
+        relation_group,
+        text_ablation,
+    )
     from engram_edit.train import tokenize_texts
 
     if windows < 1:
@@ -77,7 +83,7 @@ def eval_command(
                             placement and placement.value)
     probe_list = read_probes(probes or bundled_probes_file(), min_count)
     stream = tokenize_texts(heldout or bundled_heldout_file(), files.tokenizer)
-    facts_rows = fact_ablation(net, files.tokenizer, probe_list, by_relation=True)
+    facts_rows = fact_ablation(net, files.tokenizer, probe_list, group_by=[relation_group])
     if len(facts_rows) == 2:  # a single group repeats the total
         facts_rows = facts_rows[:1]
     rows = [*facts_rows, text_ablation(net, np.asarray(stream), windows=windows)]

@@ -7,7 +7,7 @@ JSON key it is reported under. ``METRICS_VERSION`` changes whenever a definition
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,20 +155,26 @@ def _ablation_row(name: str, on: CompletionScores, off: CompletionScores,
                        float(-off.logprob[keep].sum() / n_tokens))
 
 
+def relation_group(probe: Probe) -> str:
+    """The group a probe is reported in by relation and phrasing: "capital (heldout)"."""
+    return f"{probe.relation} ({probe.phrasing})"
+
+
 def fact_ablation(model: EngramModel, tokenizer: EngramTokenizer, probes: Sequence[Probe],
-                  by_relation: bool = False) -> list[AblationRow]:
+                  group_by: Sequence[Callable[[Probe], str]] = ()) -> list[AblationRow]:
     """Key "facts": top-1 = share of prompts whose greedy continuation is the whole target;
-    loss = mean per-token negative log-likelihood of the targets; memory on and off. With
-    ``by_relation``, one more row per relation and phrasing, named "capital (heldout)", in
-    the order the probes first name them."""
+    loss = mean per-token negative log-likelihood of the targets; memory on and off. The
+    probes are scored once; after the row of all of them comes, for each function of
+    ``group_by``, one row per group it names (e.g. ``relation_group``), in the order the
+    probes first name them."""
     prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
     on = score_completions(model, tokenizer, prompts, targets, memory=True)
     off = score_completions(model, tokenizer, prompts, targets, memory=False)
     rows = [_ablation_row("facts", on, off, np.ones(len(probes), dtype=bool))]
-    if by_relation:
-        groups = np.array([f"{p.relation} ({p.phrasing})" for p in probes])
-        for name in dict.fromkeys(groups):
-            rows.append(_ablation_row(str(name), on, off, groups == name))
+    for group in group_by:
+        names = np.array([group(p) for p in probes])
+        for name in dict.fromkeys(names):
+            rows.append(_ablation_row(str(name), on, off, names == name))
     return rows
 
 

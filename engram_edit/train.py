@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engram_edit.checkpoint import model_compression, save_model
+from engram_edit.checkpoint import load_model, model_compression, save_model
 from engram_edit.config import EngramConfig
 from engram_edit.corpus import read_texts
 from engram_edit.errors import BadInputError
@@ -205,8 +205,6 @@ def evaluate(model: EngramModel, batches: list[torch.Tensor], s: TrainSettings,
 def _load_init(model: EngramModel, path: Path, tokenizer: EngramTokenizer) -> None:
     """Start from the weights of the model in ``path``, which must have this geometry and
     tokenizer (continued training, e.g. on a new data mix)."""
-    from engram_edit.checkpoint import load_model
-
     files, init = load_model(path, device="cpu")
     ours, theirs = model.state_dict(), init.state_dict()
     problems = [f"--init {path}: {k} has shape {tuple(theirs[k].shape) if k in theirs else None}"
@@ -217,7 +215,7 @@ def _load_init(model: EngramModel, path: Path, tokenizer: EngramTokenizer) -> No
         problems.append(f"--init {path}: its tokenizer.json differs from the run's")
     if problems:
         raise BadInputError(problems)
-    model.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+    model.load_state_dict({k: v.float() for k, v in theirs.items()})
 
 
 def _save_state(out: Path, model: EngramModel, opt: torch.optim.Optimizer, meta: dict) -> None:

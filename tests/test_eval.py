@@ -7,7 +7,13 @@ from typer.testing import CliRunner
 from commands.main import app
 from conftest import make_tiny_model
 from engram_edit.checkpoint import load_model
-from engram_edit.eval import Probe, fact_ablation, read_probes, score_completions
+from engram_edit.eval import (
+    Probe,
+    fact_ablation,
+    read_probes,
+    relation_group,
+    score_completions,
+)
 
 PROBES = [
     {"prompt": "The capital of France is", "target": " Paris", "relation": "capital",
@@ -44,7 +50,7 @@ def test_rows_per_relation_and_phrasing_add_up_to_the_total(tmp_path):
     make_tiny_model(tmp_path / "m")
     files, model = load_model(tmp_path / "m", device="cpu")
     probes = read_probes(_write(tmp_path / "p.jsonl", PROBES))
-    rows = fact_ablation(model, files.tokenizer, probes, by_relation=True)
+    rows = fact_ablation(model, files.tokenizer, probes, group_by=[relation_group])
     assert [r.name for r in rows] == ["facts", "capital (trained)", "capital (heldout)",
                                       "element_symbol (trained)", "entity (trained)"]
     assert [r.items for r in rows] == [5, 2, 1, 1, 1]
