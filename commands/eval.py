@@ -50,9 +50,9 @@ def eval_command(
     windows. "kept" is top-1 without memory divided by top-1 with it
     (the paper: factual QA keeps 29-44%, reading comprehension 81-93%).
 
-    With FACTS: efficacy, efficacy_top1, paraphrase, neighbourhood,
-    neighbourhood_unchanged, neighbourhood_kl and heldout_loss, defined as for
-    `patch` (the model itself is the reference of the neighbourhood metrics).
+    With FACTS: the metric set of `patch` (says, paraphrase_says, EasyEdit's
+    and CounterFact's metrics; docs/metrics.md), the model itself the
+    reference of the locality and neighbourhood metrics.
 
     Examples:
       engram-edit eval --ablate

@@ -39,7 +39,17 @@ class MethodChoice(str, Enum):
 SHOWN_FACTS = 10  # facts in the rows-and-sharers table (--json lists every fact)
 SHOWN_SHARERS = 3  # sharers per fact in that table
 
-METRIC_KEYS = ("efficacy", "efficacy_top1", "paraphrase", "neighbourhood",
+class GoalChoice(str, Enum):
+    """The choices of --goal (engram_edit.edit.distill.GOALS)."""
+
+    says = "says"
+    prefers = "prefers"
+
+
+# engram_edit.eval.FactMetrics's fields, in its order (that module imports torch)
+METRIC_KEYS = ("says", "paraphrase_says", "reliability", "generalization", "locality",
+               "portability", "efficacy", "efficacy_magnitude", "paraphrase",
+               "paraphrase_magnitude", "neighbourhood", "neighbourhood_magnitude",
                "neighbourhood_unchanged", "neighbourhood_kl", "heldout_loss")
 
 
@@ -99,6 +109,16 @@ def patch_command(
         "where the target is predicted (final), both, or auto (subject less those that only "
         "spell it, such as 'Burkina' before ' Faso', plus those ending at the prompt's last "
         "token that are rare in the corpus n-gram index when there is one).")] = RowChoice.AUTO,
+    goal: Annotated[GoalChoice, typer.Option(
+        "--goal", help="distill: when a fact is done. says: greedy decoding of its prompt "
+        "(and of each rephrase prompt the file gives) yields the whole target, every token "
+        "top-1 by 1 nat over the runner-up. prefers: log P(target) beats log P(ground truth) "
+        "by 1 nat (CounterFact's efficacy; weaker: the model may still say something "
+        "else).")] = GoalChoice.says,
+    fit_rephrase: Annotated[bool, typer.Option(
+        "--fit-rephrase/--no-fit-rephrase", help="distill: fit the file's rephrase prompts "
+        "too (those that hold the subject); --no-fit-rephrase keeps them for measuring "
+        "paraphrase_says on wording the edit never saw.")] = True,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="distill: Adam steps at most per batch.")] = None,
     seed: Annotated[int, typer.Option(
@@ -148,10 +168,12 @@ def patch_command(
     rows bit for bit. With no --model the bundled model is copied to your
     working copy first.
 
-    Metrics (before and after): efficacy (target beats ground truth),
-    efficacy_top1 (greedy gives the target), paraphrase, neighbourhood (locality
-    answers still beat the new target), neighbourhood_unchanged,
-    neighbourhood_kl, heldout_loss.
+    Metrics (before and after; formulas in docs/metrics.md): says and
+    paraphrase_says (greedy output starts with the target, as `generate`
+    prints it); EasyEdit's reliability, generalization, locality, portability
+    (token top-1 accuracy, teacher forced); CounterFact's efficacy,
+    paraphrase and neighbourhood scores with their magnitudes;
+    neighbourhood_unchanged, neighbourhood_kl, heldout_loss.
 
     With a corpus n-gram index (the model's own from `index`, else the bundled
     one), each fact also lists the rows it touched and the other n-grams those
@@ -204,8 +226,9 @@ def patch_command(
     chosen = Method(method.value)
     settings = EditSettings(method=chosen, rows=rows, measure=measure,
                             skip_crowded=skip_crowded, weigh_rows=weigh_rows,
-                            sharer_contexts=sharer_contexts)
+                            sharer_contexts=sharer_contexts, fit_rephrase_prompts=fit_rephrase)
     settings.distill.seed = seed
+    settings.distill.goal = goal.value
     if steps is not None:
         settings.distill.steps = steps
     net = build_model(files, device, placement="gpu")
@@ -222,6 +245,8 @@ def patch_command(
               "seconds": report.seconds, "edits_per_s": report.edits_per_s,
               "before": report.before and asdict(report.before),
               "after": report.after and asdict(report.after),
+              "goal": settings.distill.goal if chosen is Method.DISTILL else None,
+              "unsolved": [fact_list[i].prompt for i in report.unsolved],
               "sharing": report.sharing and [{"prompt": f.prompt, **s.to_dict()} for f, s in
                                              zip(fact_list, report.sharing, strict=True)],
               "notes": report.notes}
@@ -308,7 +333,11 @@ def _render_patch(console: Console, result: dict, report, dry_run: bool) -> None
     console.print(f"{verb} {result['patch']}: {facts}, {report.rows_touched} rows, "
                   f"{report.seconds:.1f} s ({report.edits_per_s:.1f} edits/s)")
     if report.unsolved:
-        console.print(f"{len(report.unsolved)} fact(s) did not reach the stop criterion")
+        missed = result["unsolved"]
+        shown = ", ".join(repr(p) for p in missed[:5])
+        more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
+        console.print(f"{len(missed)} fact(s) did not reach the goal ({result['goal']}): "
+                      f"{shown}{more}")
     if report.before is not None:
         render_metrics(console, "metrics", {"before": report.before, "after": report.after})
     if result["sharing"]:

@@ -24,7 +24,7 @@ from engram_edit.tokenizer import EngramTokenizer
 if TYPE_CHECKING:
     from engram_edit.edit.facts import Fact
 
-METRICS_VERSION = 1
+METRICS_VERSION = 2
 
 
 @dataclass
@@ -207,33 +207,49 @@ def text_ablation(model: EngramModel, stream: np.ndarray, windows: int = 32,
 
 @dataclass
 class FactMetrics:
-    """The metric set of an edit, for one model state. Each field is reported under its own
-    name as the JSON key; a metric with nothing to measure (no rephrase or locality prompts,
-    no held-out text) is None (JSON null). Log-probabilities are sums over the answer's tokens,
-    teacher forced after the prompt, with answers joined as ``scored_target`` says. Locality
-    prompts that are themselves prompts of the facts measured are not neighbours (their
-    answers change on purpose): the three neighbourhood metrics leave them out.
+    """The metric set of an edit, for one model state; docs/metrics.md gives every formula.
+    Each field is reported under its own name as the JSON key; a metric with nothing to
+    measure (no rephrase, locality or portability prompts, no ground truth, no held-out text)
+    is None (JSON null). Answers are joined to prompts as ``scored_target`` says and scored
+    teacher forced. Locality prompts that are themselves prompts of the facts measured are
+    not neighbours (their answers change on purpose) and are left out.
 
-    - ``efficacy``: share of facts with log P(target_new) > log P(ground_truth); a fact
-      without ground_truth counts when its greedy continuation is target_new (top-1).
-    - ``efficacy_top1``: share of facts whose greedy continuation starts with target_new
-      (every target token is the argmax, teacher forced; the same as greedy decoding).
-    - ``paraphrase``: the efficacy criterion on every rephrase prompt (with its fact's
-      target_new and ground_truth); share of all rephrase prompts.
-    - ``neighbourhood``: share of locality prompts with log P(locality answer) >
-      log P(target_new of their fact): the edit has not bled into its neighbours
-      (CounterFact's neighborhood score).
+    What the user sees (greedy decoding, as ``generate`` prints it):
+    - ``says``: share of facts whose greedy continuation starts with target_new.
+    - ``paraphrase_says``: the same on every rephrase prompt.
+    EasyEdit (token top-1 accuracy, teacher forced):
+    - ``reliability``: per fact, the share of target_new's tokens that are the argmax; mean.
+    - ``generalization``: the same on the rephrase prompts.
+    - ``locality``: per locality prompt, the share of positions of its answer (teacher forced)
+      where the argmax token equals the unedited model's; mean.
+    - ``portability``: token top-1 accuracy of each portability answer after its prompt.
+    CounterFact (probabilities of whole answers, P = exp(mean log-prob per token)):
+    - ``efficacy``: share of facts with P(target_new) > P(ground_truth); a fact without a
+      ground truth counts when it ``says`` the target. ``efficacy_magnitude``: mean
+      P(target_new) - P(ground_truth) over facts with a ground truth.
+    - ``paraphrase``, ``paraphrase_magnitude``: the same on the rephrase prompts.
+    - ``neighbourhood``: share of locality prompts with P(locality answer) > P(target_new of
+      their fact). ``neighbourhood_magnitude``: mean P(locality answer) - P(target_new).
+    Beside them:
     - ``neighbourhood_unchanged``: share of locality prompts whose greedy continuation, as many
-      tokens as the locality answer, equals the reference model's (stricter).
-    - ``neighbourhood_kl``: mean KL(reference || model), in nats, of the next-token
+      tokens as the locality answer, equals the unedited model's.
+    - ``neighbourhood_kl``: mean KL(unedited || model), in nats, of the next-token
       distribution after each locality prompt.
     - ``heldout_loss``: mean next-token cross-entropy, nats per token, on held-out windows.
     """
 
+    says: float
+    paraphrase_says: float | None
+    reliability: float
+    generalization: float | None
+    locality: float | None
+    portability: float | None
     efficacy: float
-    efficacy_top1: float
+    efficacy_magnitude: float | None
     paraphrase: float | None
+    paraphrase_magnitude: float | None
     neighbourhood: float | None
+    neighbourhood_magnitude: float | None
     neighbourhood_unchanged: float | None
     neighbourhood_kl: float | None
     heldout_loss: float | None
@@ -245,12 +261,15 @@ class NeighbourReference:
 
     greedy: list[list[int]]  # greedy continuation, as many tokens as the locality answer
     log_probs: torch.Tensor  # [N, vocab] next-token log-probs after each prompt (CPU)
+    answer_top1: list[list[int]]  # argmax at each locality-answer position, teacher forced
 
 
 @dataclass
 class _Scores:
     logprob: np.ndarray  # [n] sum of the target tokens' log-probs
     greedy: np.ndarray  # [n] bool: every target token is the argmax
+    hits: np.ndarray  # [n] share of the target tokens that are the argmax
+    top1: list[list[int]]  # [n][target length] the argmax at each target position
     first: torch.Tensor | None  # [n, vocab] log-probs at the first target position
 
 
@@ -262,6 +281,8 @@ def _teacher_forced(model: EngramModel, prompts: list[list[int]], targets: list[
     window = model.config.max_position_embeddings
     logprob = np.zeros(len(prompts))
     greedy = np.zeros(len(prompts), dtype=bool)
+    hits = np.zeros(len(prompts))
+    top1: list[list[int]] = []
     first = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(zip(prompts[start:start + batch_size], targets[start:start + batch_size],
@@ -275,11 +296,15 @@ def _teacher_forced(model: EngramModel, prompts: list[list[int]], targets: list[
         for i, ((_, t), s) in enumerate(zip(chunk, seqs, strict=True)):
             pos = torch.arange(len(s) - len(t) - 1, len(s) - 1)
             tgt = torch.tensor(t)
+            best = logp[i, pos].argmax(-1)
             logprob[start + i] = float(logp[i, pos, tgt].sum())
-            greedy[start + i] = bool((logp[i, pos].argmax(-1) == tgt).all())
+            greedy[start + i] = bool((best == tgt).all())
+            hits[start + i] = float((best == tgt).float().mean())
+            top1.append(best.tolist())
             if keep_first:
                 first.append(logp[i, pos[0]].clone())
-    return _Scores(logprob, greedy, torch.stack(first) if keep_first and first else None)
+    return _Scores(logprob, greedy, hits, top1,
+                   torch.stack(first) if keep_first and first else None)
 
 
 @torch.no_grad()
@@ -331,15 +356,16 @@ def _neighbours(tokenizer: EngramTokenizer, facts: Sequence[Fact]
 
 def neighbour_reference(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
                         memory: bool = True) -> NeighbourReference:
-    """The reference for ``neighbourhood_unchanged`` and ``neighbourhood_kl``: run it on the
-    model before editing."""
+    """The reference for ``locality``, ``neighbourhood_unchanged`` and ``neighbourhood_kl``:
+    run it on the model before editing."""
     prompts, answers, _ = _neighbours(tokenizer, facts)
-    greedy = _greedy(model, prompts, [len(a) for a in answers], memory)
     if not prompts:
-        return NeighbourReference([], torch.zeros(0, model.config.vocab_size))
+        return NeighbourReference([], torch.zeros(0, model.config.vocab_size), [])
+    greedy = _greedy(model, prompts, [len(a) for a in answers], memory)
     first = _teacher_forced(model, prompts, greedy, memory, keep_first=True).first
     assert first is not None
-    return NeighbourReference(greedy, first)
+    return NeighbourReference(greedy, first,
+                              _teacher_forced(model, prompts, answers, memory).top1)
 
 
 def heldout_windows(stream: np.ndarray, windows: int = 32, seq_len: int = 128) -> np.ndarray:
@@ -369,21 +395,48 @@ def heldout_loss(model: EngramModel, windows: np.ndarray, memory: bool = True) -
     return total / (batch.shape[0] * (batch.shape[1] - 1))
 
 
-def _wins(model: EngramModel, prompts: list[list[int]], news: list[list[int]],
-          truths: list[list[int] | None], memory: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(efficacy criterion, greedy) per prompt: new beats truth, or greedy without a truth."""
+def _probability(logprob: np.ndarray, tokens: list[list[int]]) -> np.ndarray:
+    """P of each answer as CounterFact scores it: exp(mean log-prob per token)."""
+    return np.exp(logprob / np.array([len(t) for t in tokens], dtype=np.float64))
+
+
+@dataclass
+class _Contest:
+    says: np.ndarray  # [n] bool
+    hits: np.ndarray  # [n] token top-1 accuracy of target_new
+    wins: np.ndarray  # [n] bool: the efficacy criterion
+    lead: np.ndarray  # [k] P(new) - P(truth), for the prompts with a truth
+
+
+def _contest(model: EngramModel, prompts: list[list[int]], news: list[list[int]],
+             truths: list[list[int] | None], memory: bool) -> _Contest:
+    """target_new against the ground truth after each prompt."""
     new = _teacher_forced(model, prompts, news, memory)
     has = [i for i, t in enumerate(truths) if t is not None]
     wins = new.greedy.copy()
+    lead = np.zeros(0)
     if has:
-        old = _teacher_forced(model, [prompts[i] for i in has], [truths[i] for i in has],
-                              memory)
-        wins[has] = new.logprob[has] > old.logprob
-    return wins, new.greedy
+        old_tokens = [truths[i] for i in has]
+        old = _teacher_forced(model, [prompts[i] for i in has], old_tokens, memory)
+        p_new = _probability(new.logprob[has], [news[i] for i in has])
+        p_old = _probability(old.logprob, old_tokens)
+        wins[has] = p_new > p_old
+        lead = p_new - p_old
+    return _Contest(new.greedy, new.hits, wins, lead)
 
 
 def _share(x: np.ndarray) -> float | None:
     return float(np.mean(x)) if len(x) else None
+
+
+def _portability(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
+                 memory: bool) -> float | None:
+    pairs = [_encode(tokenizer, p, a) for f in facts
+             for p, a in zip(f.portability_prompts, f.portability_answers, strict=True)]
+    if not pairs:
+        return None
+    return _share(_teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs],
+                                  memory).hits)
 
 
 def fact_metrics(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
@@ -405,42 +458,50 @@ def fact_metrics(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence
     """
     if not facts:
         raise BadInputError("no facts to measure")
-    prompts, news, truths = [], [], []
-    for f in facts:
-        p, n = _encode(tokenizer, f.prompt, f.target_new)
-        prompts.append(p)
-        news.append(n)
-        truths.append(None if f.ground_truth is None else _encode(tokenizer, f.prompt,
-                                                                  f.ground_truth)[1])
-    wins, top1 = _wins(model, prompts, news, truths, memory)
-    para = [(_encode(tokenizer, r, f.target_new),
-             None if f.ground_truth is None else _encode(tokenizer, r, f.ground_truth)[1])
-            for f in facts for r in f.rephrase_prompts]
-    para_wins = (_wins(model, [p for (p, _), _ in para], [n for (_, n), _ in para],
-                       [t for _, t in para], memory)[0] if para else np.zeros(0))
+
+    def contest(pairs: list[tuple[str, Fact]]) -> _Contest:
+        prompts, news, truths = [], [], []
+        for prompt, f in pairs:
+            ids, new = _encode(tokenizer, prompt, f.target_new)
+            prompts.append(ids)
+            news.append(new)
+            truths.append(None if f.ground_truth is None
+                          else _encode(tokenizer, prompt, f.ground_truth)[1])
+        return _contest(model, prompts, news, truths, memory)
+
+    main = contest([(f.prompt, f) for f in facts])
+    rephrased = [(r, f) for f in facts for r in f.rephrase_prompts]
+    para = contest(rephrased) if rephrased else None
     loc_prompts, answers, loc_news = _neighbours(tokenizer, facts)
     if reference is None:
         reference = neighbour_reference(model, tokenizer, facts, memory)
-    hood = unchanged = kl = None
+    locality = hood = hood_lead = unchanged = kl = None
     if loc_prompts:
         ans = _teacher_forced(model, loc_prompts, answers, memory)
         new = _teacher_forced(model, loc_prompts, loc_news, memory)
         same = _teacher_forced(model, loc_prompts, reference.greedy, memory, keep_first=True)
         assert same.first is not None
-        ref = reference.log_probs
-        hood = _share(ans.logprob > new.logprob)
+        locality = _share(np.array([np.mean(np.array(a) == np.array(b)) for a, b in
+                                    zip(ans.top1, reference.answer_top1, strict=True)]))
+        p_ans, p_new = _probability(ans.logprob, answers), _probability(new.logprob, loc_news)
+        hood, hood_lead = _share(p_ans > p_new), _share(p_ans - p_new)
         unchanged = _share(same.greedy)
+        ref = reference.log_probs
         kl = float((ref.exp() * (ref - same.first)).sum(-1).mean())
     return FactMetrics(
-        efficacy=float(wins.mean()), efficacy_top1=float(top1.mean()),
-        paraphrase=_share(para_wins), neighbourhood=hood, neighbourhood_unchanged=unchanged,
-        neighbourhood_kl=kl,
+        says=float(main.says.mean()), paraphrase_says=para and _share(para.says),
+        reliability=float(main.hits.mean()), generalization=para and _share(para.hits),
+        locality=locality, portability=_portability(model, tokenizer, facts, memory),
+        efficacy=float(main.wins.mean()), efficacy_magnitude=_share(main.lead),
+        paraphrase=para and _share(para.wins), paraphrase_magnitude=para and _share(para.lead),
+        neighbourhood=hood, neighbourhood_magnitude=hood_lead,
+        neighbourhood_unchanged=unchanged, neighbourhood_kl=kl,
         heldout_loss=None if heldout is None else heldout_loss(model, heldout, memory))
 
 
 def greedy_hits(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
                 memory: bool = True) -> np.ndarray:
     """Per fact, whether its greedy continuation is target_new (bool ``[n]``); the mean is
-    ``efficacy_top1``. Used to keep the true facts a model knows, and to check they stay."""
+    ``says``. Used to keep the true facts a model knows, and to check they stay."""
     pairs = [_encode(tokenizer, f.prompt, f.target_new) for f in facts]
     return _teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs], memory).greedy

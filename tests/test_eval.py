@@ -1,15 +1,20 @@
-"""`eval --ablate` on probe files: the total row, one row per relation and phrasing, JSON."""
+"""`eval --ablate` on probe files (the total row, one row per relation and phrasing, JSON), and
+the edit metric set against its definitions, recomputed here from the logits."""
 
 import json
 
+import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from commands.main import app
 from conftest import make_tiny_model
 from engram_edit.checkpoint import load_model
+from engram_edit.edit.facts import Fact, scored_target
 from engram_edit.eval import (
     Probe,
     fact_ablation,
+    fact_metrics,
     read_probes,
     relation_group,
     score_completions,
@@ -104,3 +109,39 @@ def test_knowledge_bench_bars_follow_the_figures():
                     "validation loss <= 4.0800": True, "entities count>=10 >= 0.7": True,
                     "text top-1 memory off >= 0.8 x on": True}
     assert not bench.bars({**new, "trained": row(0.9, 0.5)}, 4.08)["trained memory off <= half"]
+
+
+def _answer_scores(model, tokenizer, prompt, answer):
+    """(mean log-prob per token, argmax tokens, answer tokens) of ``answer`` after ``prompt``."""
+    p, a = tokenizer.encode(prompt), tokenizer.encode(scored_target(prompt, answer))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].float(), -1)
+    pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+    return float(logp[pos, torch.tensor(a)].mean()), logp[pos].argmax(-1).tolist(), a
+
+
+def test_the_metric_set_follows_its_definitions(tmp_path):
+    make_tiny_model(tmp_path / "m")
+    files, model = load_model(tmp_path / "m", device="cpu")
+    tok = files.tokenizer
+    facts = [Fact("Diana, Princess of", "Diana", "Wales", "France", ["Diana was Princess of"],
+                  ["The capital of Spain is"], ["Madrid"], ["Charles, Prince of"], ["Wales"]),
+             Fact("The capital of France is", "France", "Lima", "Paris")]
+    m = fact_metrics(model, tok, facts)
+    scores = [(_answer_scores(model, tok, f.prompt, f.target_new),
+               _answer_scores(model, tok, f.prompt, f.ground_truth)) for f in facts]
+    hits = [np.mean(np.array(top) == np.array(a)) for (_, top, a), _ in scores]
+    assert m.reliability == np.mean(hits)
+    assert m.says == np.mean([top == a for (_, top, a), _ in scores])
+    lead = [np.exp(new) - np.exp(old) for (new, _, _), (old, _, _) in scores]
+    assert np.isclose(m.efficacy_magnitude, np.mean(lead), atol=1e-6)
+    assert m.efficacy == np.mean([x > 0 for x in lead])
+    _, top, a = _answer_scores(model, tok, "Charles, Prince of", "Wales")
+    assert m.portability == np.mean(np.array(top) == np.array(a))
+    _, top, a = _answer_scores(model, tok, "Diana was Princess of", "Wales")
+    assert m.generalization == np.mean(np.array(top) == np.array(a))
+    assert m.locality == 1.0 and m.neighbourhood_unchanged == 1.0  # the model is its reference
+    assert m.neighbourhood_kl == 0.0
+    ans, _, _ = _answer_scores(model, tok, "The capital of Spain is", "Madrid")
+    new, _, _ = _answer_scores(model, tok, "The capital of Spain is", "Wales")
+    assert np.isclose(m.neighbourhood_magnitude, np.exp(ans) - np.exp(new), atol=1e-6)

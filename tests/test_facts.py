@@ -35,6 +35,15 @@ def test_an_easyedit_line_becomes_a_fact_with_lists_for_strings(tmp_path):
                         ["Charles, Prince of"], ["Wales"], line=1)
 
 
+def test_portability_prompts_pair_with_their_answers_and_are_kept_in_the_record(tmp_path):
+    path = write(tmp_path, [{**GOOD, "portability_prompt": ["Diana's title named"],
+                             "portability_ground_truth": "Wales"}])
+    [fact] = read_facts(path)
+    assert fact.portability_prompts == ["Diana's title named"]
+    assert fact.portability_answers == ["Wales"]
+    assert fact.to_dict()["portability_ground_truth"] == ["Wales"]
+
+
 def test_a_counterfact_record_fills_its_template_and_pairs_neighbours(tmp_path):
     rec = {"case_id": 7, "requested_rewrite": {
         "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
@@ -78,6 +87,8 @@ def test_the_fixture_counterfact_file_reads_whole():
     ({**GOOD, "rephrase_prompt": ["ok", 3]}, "rephrase_prompt", "item 1"),
     ({**GOOD, "locality_prompt": ["a", "b"], "locality_ground_truth": ["x"]},
      "locality_ground_truth", "1 answers for 2 locality prompts"),
+    ({**GOOD, "portability_prompt": "a", "portability_ground_truth": ["x", "y"]},
+     "portability_ground_truth", "2 answers for 1 portability prompts"),
     ({"requested_rewrite": {"prompt": "The capital of France is", "subject": "France",
                             "target_new": {"str": "Lima"}}},
      "requested_rewrite.prompt", "has no '{}'"),

@@ -1,10 +1,12 @@
 """Computing edits (locate, distill, overwrite), their metrics, and the patch, overwrite and eval
 FACTS verbs, on tiny random models: small versions of the editing benchmark's bars."""
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from commands.main import app
+from commands.patch import METRIC_KEYS
 from conftest import make_tiny_model
 from engram_edit import paths
 from engram_edit.checkpoint import load_model, open_model
@@ -38,7 +41,7 @@ from engram_edit.edit.locate import (
 from engram_edit.edit.overwrite import OverwriteSettings, closed_form
 from engram_edit.edit.patch import read_patch
 from engram_edit.edit.rows import NgramOp, ngram_rows, ngram_values
-from engram_edit.eval import fact_metrics, greedy_hits, neighbour_reference
+from engram_edit.eval import FactMetrics, fact_metrics, greedy_hits, neighbour_reference
 
 FACTS = [
     {"prompt": "Diana, Princess of", "subject": "Diana", "target_new": "Wales",
@@ -50,7 +53,8 @@ FACTS = [
     {"prompt": "Prince Albert of", "subject": "Albert", "target_new": "Wales"},
 ]
 # strong enough to move a random tiny model, whose rows barely matter at first
-STRONG = DistillSettings(steps=60, lr=0.3, norm_bound=100.0, heldout_windows=0)
+# (its rows move the logits by a nat or so at most: "says" is asked with a lead of 0.3 nats)
+STRONG = DistillSettings(steps=60, lr=0.3, norm_bound=100.0, heldout_windows=0, says_margin=0.3)
 
 
 def run(args):
@@ -96,6 +100,18 @@ def facts():
     return [Fact(f["prompt"], f["subject"], f["target_new"], f.get("ground_truth"),
                  f.get("rephrase_prompt", []), f.get("locality_prompt", []),
                  f.get("locality_ground_truth", [])) for f in FACTS]
+
+
+def wordings(fact):
+    """The prompts distill fits for a fact: its own, and each rephrase prompt with the subject."""
+    return [fact] + [replace(fact, prompt=r) for r in fact.rephrase_prompts if fact.subject in r]
+
+
+def fitted_rows(files, fact):
+    """The union of the rows of every wording of a fact, per layer."""
+    rows = [locate_rows(tokenize_fact(w, files.tokenizer), files.tokenizer, files.hasher).rows
+            for w in wordings(fact)]
+    return {lid: np.unique(np.concatenate([r[lid] for r in rows])) for lid in rows[0]}
 
 
 # --- locate ------------------------------------------------------------------------------------
@@ -174,7 +190,7 @@ def test_distill_flips_a_tiny_models_predictions_and_leaves_the_model_as_it_was(
     files, model = loaded
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = edit_facts(files, model, facts(), EditSettings(distill=STRONG))
-    assert report.before.efficacy < 1 and report.before.efficacy_top1 == 0
+    assert report.before.efficacy < 1 and report.before.says == 0
     assert report.after.efficacy == 1.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     load_patch_rows(model, report.patch, "after")
@@ -188,11 +204,15 @@ def test_distill_flips_a_tiny_models_predictions_and_leaves_the_model_as_it_was(
 def test_a_patch_touches_only_located_rows_and_records_how_it_was_made(loaded):
     files, model = loaded
     report = edit_facts(files, model, facts(), EditSettings(distill=STRONG))
-    located = [locate_rows(tokenize_fact(f, files.tokenizer), files.tokenizer, files.hasher)
-               for f in facts()]
+    located = [fitted_rows(files, f) for f in facts()]
+    prompt_only = [locate_rows(tokenize_fact(f, files.tokenizer), files.tokenizer,
+                               files.hasher).rows for f in facts()]
     for e in report.patch.edits:
-        allowed = np.unique(np.concatenate([fr.rows[e.layer_id] for fr in located]))
+        allowed = np.unique(np.concatenate([fr[e.layer_id] for fr in located]))
         assert np.isin(e.rows, allowed).all()
+    own = np.unique(np.concatenate([r[lid] for r in prompt_only for lid in r]))
+    rephrased = np.concatenate([e.rows for e in report.patch.edits])
+    assert not np.isin(rephrased, own).all()  # the rephrase prompt's own rows were fitted too
     meta = report.patch.metadata
     assert meta["method"] == "distill" and meta["fingerprint"] == files.fingerprint()
     assert [f["prompt"] for f in meta["facts"]] == [f["prompt"] for f in FACTS]
@@ -265,8 +285,9 @@ def test_the_closed_form_moves_a_costly_row_least_and_uniform_costs_change_nothi
 def test_distill_runs_facts_in_several_batches_and_keeps_earlier_batches_solved(loaded):
     files, model = loaded
     one_by_one = DistillSettings(steps=60, lr=0.3, norm_bound=100.0, heldout_windows=0,
-                                 batch_facts=1)
-    report = edit_facts(files, model, facts(), EditSettings(distill=one_by_one))
+                                 batch_facts=1, says_margin=0.3)
+    report = edit_facts(files, model, facts(), EditSettings(distill=one_by_one,
+                                                            fit_rephrase_prompts=False))
     load_patch_rows(model, report.patch, "after")
     try:  # three batches of one fact; a fact solved in its batch is still solved at the end
         hits = [fact_metrics(model, files.tokenizer, [f]).efficacy == 1.0 for f in facts()]
@@ -274,6 +295,48 @@ def test_distill_runs_facts_in_several_batches_and_keeps_earlier_batches_solved(
         load_patch_rows(model, report.patch, "before")
     solved = [i for i in range(len(FACTS)) if i not in report.unsolved]
     assert solved and all(hits[i] for i in solved)
+
+
+WORDS = ["Charles", "Empire", "Great", "Milky", "Paulo", "Persian", "Prince", "Princess",
+         "Wales", "Way", "conquered", "galaxy", "milky", "way", "the", "and", "Alexander", "THE",
+         "GREAT"]  # one token each in the tiny tokenizer
+
+
+def many_facts(n):
+    """``n`` facts with distinct two-word subjects (their bigram is theirs alone)."""
+    subjects = [f"{a} {b}" for a in WORDS for b in WORDS if a != b][:n]
+    relations, targets = ["capital", "currency", "language"], ["Wales", "Lima", "Paris", "Madrid"]
+    return [Fact(f"The {relations[i % 3]} of {s} is", s, targets[i % 4])
+            for i, s in enumerate(subjects)]
+
+
+def test_three_hundred_facts_run_in_several_batches_and_every_solved_fact_is_said(tmp_path):
+    path = tmp_path / "wide"
+    make_tiny_model(path, engram_vocab_size=[4001, 4003], engram_head_dim=16)
+    files, model = load_model(path, device="cpu")
+    batches = set()
+    settings = EditSettings(distill=STRONG)
+    report = edit_facts(files, model, many_facts(300), settings,
+                        progress=lambda p: batches.add(p.batches))
+    assert max(batches) >= 2  # more than one batch of 256
+    assert report.facts == 300 and report.before.says == 0
+    assert report.after.says >= 0.2  # a random tiny model's rows move its logits but little
+    load_patch_rows(model, report.patch, "after")
+    try:
+        said = greedy_hits(model, files.tokenizer, many_facts(300))
+    finally:
+        load_patch_rows(model, report.patch, "before")
+    solved = [i for i in range(300) if i not in report.unsolved]
+    assert solved and said[solved].all()  # "solved" is what generate will print
+    assert said.mean() == report.after.says
+
+
+def test_prefers_is_the_weaker_goal_it_names(loaded):
+    files, model = loaded
+    settings = EditSettings(distill=DistillSettings(**{**vars(STRONG), "goal": "prefers"}))
+    report = edit_facts(files, model, facts(), settings)
+    assert report.patch.metadata["settings"]["distill"]["goal"] == "prefers"
+    assert report.after.efficacy > report.before.efficacy
 
 
 def test_distill_costs_count_the_kept_facts_touches_and_overwrite_the_batchs(loaded,
@@ -292,11 +355,14 @@ def test_distill_costs_count_the_kept_facts_touches_and_overwrite_the_batchs(loa
     new, kept = facts()[:2], facts()[2:]
     edit_facts(files, model, new, EditSettings(distill=STRONG, measure=False), keep=kept)
     edit_facts(files, model, new, EditSettings(method=Method.OVERWRITE, measure=False))
-    rows = {f.prompt: locate_rows(tokenize_fact(f, files.tokenizer), files.tokenizer,
-                                  files.hasher) for f in facts()}
-    for name, counted in (("distill", facts()), ("closed_form", new)):
+    prompt_rows = {f.prompt: locate_rows(tokenize_fact(f, files.tokenizer), files.tokenizer,
+                                         files.hasher).rows for f in facts()}
+    # distill fits the new facts' rephrase prompts too and keeps the kept facts' prompts;
+    # the closed form fits the prompts alone
+    fitted = {**prompt_rows, **{f.prompt: fitted_rows(files, f) for f in new}}
+    for name, counted, rows in (("distill", facts(), fitted), ("closed_form", new, prompt_rows)):
         for lid in files.hasher.layer_ids:
-            every = np.concatenate([rows[f.prompt].rows[lid] for f in counted])
+            every = np.concatenate([rows[f.prompt][lid] for f in counted])
             ids, times = np.unique(every, return_counts=True)
             assert np.array_equal(seen[name](lid, ids), times.astype(float))
 
@@ -371,17 +437,33 @@ def test_overwrite_refuses_bad_requests_with_exit_2_and_changes_nothing(model_di
 
 # --- the patch verb ----------------------------------------------------------------------------
 
+def test_after_a_patch_generate_prints_the_target(model_dir, facts_file):
+    code, out, err = run(["patch", facts_file, "--model", model_dir, "--steps", "60", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["after"]["says"] > result["before"]["says"]
+    printed = []
+    for f in FACTS:
+        gen = CliRunner().invoke(app, ["generate", f["prompt"], "--model", str(model_dir),
+                                       "--max-new-tokens", "4", "--json"])
+        assert gen.exit_code == 0, gen.output
+        printed.append(json.loads(gen.stdout)["completion"].startswith(" " + f["target_new"]))
+    assert any(printed)
+    assert sum(printed) / len(FACTS) == result["after"]["says"]  # says is what generate prints
+
+
 def test_patch_applies_and_undo_restores_the_file_byte_for_byte(model_dir, facts_file):
     digest = sha256(model_dir / "model.safetensors")
     code, out, err = run(["patch", facts_file, "--model", model_dir, "--steps", "3", "--json"])
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == {"patch", "facts", "rows_touched", "seconds", "edits_per_s",
-                           "before", "after", "sharing", "notes"}
+                           "before", "after", "goal", "unsolved", "sharing", "notes"}
+    assert result["goal"] == "says"
     assert result["sharing"] is None  # the bundled index does not fit the tiny tokenizer
-    assert set(result["after"]) == {"efficacy", "efficacy_top1", "paraphrase", "neighbourhood",
-                                    "neighbourhood_unchanged", "neighbourhood_kl",
-                                    "heldout_loss"}
+    assert tuple(result["after"]) == METRIC_KEYS  # the table's rows are the JSON's keys
+    assert METRIC_KEYS == tuple(f.name for f in dataclasses.fields(FactMetrics))
+    assert result["after"]["portability"] is None  # the file gives no portability prompts
     assert result["facts"] == 3 and result["rows_touched"] > 0
     patch = read_patch(result["patch"])
     assert result["patch"].startswith(str(model_dir / ".engram" / "patches"))

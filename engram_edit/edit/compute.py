@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -57,6 +57,8 @@ class EditSettings:
     # more, move less (costs.py)
     sharer_contexts: int = 1  # distill, with an index: locality prompts per fact that end
     # with one of its top sharers (sharing.py; 0: none). README "Shared rows" has the numbers.
+    fit_rephrase_prompts: bool = True  # distill: the fact file's rephrase prompts are solved
+    # too (a fact is solved when its prompt and each of them is)
     heldout_windows: int = 32  # held-out windows of the heldout_loss metric
     heldout_tokens: int = 128  # tokens per metric window
 
@@ -161,8 +163,38 @@ def applied_facts(files: ModelFiles) -> list[Fact]:
             out.append(Fact(d["prompt"], d["subject"], d["target_new"], d.get("ground_truth"),
                             list(d.get("rephrase_prompt") or []),
                             list(d.get("locality_prompt") or []),
-                            list(d.get("locality_ground_truth") or [])))
+                            list(d.get("locality_ground_truth") or []),
+                            list(d.get("portability_prompt") or []),
+                            list(d.get("portability_ground_truth") or [])))
     return out
+
+
+def _phrasings(facts: list[Fact], tokens: list[FactTokens], settings: EditSettings,
+               tok: EngramTokenizer) -> tuple[list[FactTokens], list[int]]:
+    """Every wording distill fits, fact by fact: the prompt, then (``fit_rephrase_prompts``)
+    the file's rephrase prompts that hold the subject; with the fact each belongs to."""
+    seqs, owner = [], []
+    for k, (f, t) in enumerate(zip(facts, tokens, strict=True)):
+        seqs.append(t)
+        owner.append(k)
+        if not settings.fit_rephrase_prompts:
+            continue
+        for text in f.rephrase_prompts:
+            if f.subject in text:
+                seqs.append(tokenize_fact(replace(f, prompt=text), tok))
+                owner.append(k)
+    return seqs, owner
+
+
+def _firsts(owner: list[int]) -> list[bool]:
+    """Whether each entry is the first of its owner (a fact's prompt comes first)."""
+    return [j == 0 or owner[j - 1] != o for j, o in enumerate(owner)]
+
+
+def _union(rows: list[FactRows]) -> FactRows:
+    """The rows of several wordings of one fact, as one fact's rows."""
+    return FactRows({lid: np.unique(np.concatenate([r.rows[lid] for r in rows]))
+                     for lid in rows[0].rows}, sum(r.left_out for r in rows))
 
 
 def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
@@ -248,11 +280,20 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
                              f"there; pass the corpus files to use")
         kept = [tokenize_fact(f, tok) for f in keep or [] if f.prompt not in edited]
         kept_rows = [locate(t) for t in kept]
+        seqs, owner = _phrasings(facts, tokens, settings, tok)
+        located: list[list[FactRows]] = [[] for _ in facts]
+        for k, t in zip(owner, seqs, strict=True):
+            located[k].append(locate(t))
+        fact_rows = [_union(r) for r in located]
         costs = (RowCosts.of_facts(fact_rows + kept_rows, reads) if settings.weigh_rows
                  else None)
-        result = distill(model, tokens, fact_rows, locality, settings.distill, fitted, on_step,
+        result = distill(model, seqs, [fact_rows[i] for i in owner],
+                         [locality[i] if first else [] for i, first in
+                          zip(owner, _firsts(owner), strict=True)],
+                         settings.distill, fitted, on_step,
                          list(zip(kept, kept_rows, strict=True)), costs)
-        values, unsolved = result.values, result.undone
+        values = result.values
+        unsolved = sorted({owner[j] for j in result.undone})
     else:
         tell(EditProgress("overwrite", 1, 1, 0, 0, len(facts)))
         truths = [tok.encode(f.truth) if f.truth is not None else None for f in facts]

@@ -39,8 +39,10 @@ class DistillSettings:
     steps: int = 30  # Adam steps at most per batch of facts
     lr: float = 0.1  # Adam step size, in row units (trained rows have norm ~1-2)
     adam_eps: float = 1e-8  # Adam's eps; near typical gradients, rows that barely matter move less
-    batch_facts: int = 256  # facts optimized together
-    margin: float = 1.0  # solved: log P(target) >= log P(ground truth) + this (nats) ...
+    batch_facts: int = 256  # sequences (a fact's prompt and each of its phrasings) together
+    goal: str = "says"  # when a fact is solved: "says" or "prefers" (``GOALS``)
+    says_margin: float = 1.0  # says: every target token beats the runner-up by this (nats)
+    margin: float = 1.0  # prefers: log P(target) >= log P(ground truth) + this (nats) ...
     keep_margin: float = 0.0  # ... and a kept fact of an earlier batch is intact at this
     stop_prob: float = 0.6  # ... or, without a ground truth, P(target) >= this, greedy
     locality_weight: float = 1.0  # weight of the KL to the unedited model
@@ -51,6 +53,16 @@ class DistillSettings:
     seed: int = 0  # picks the held-out windows
     warm_start: bool = True  # start from overwrite's closed form (one pass) instead of zero
     warm_margin: float = 3.0  # the margin the closed form aims at
+
+
+GOALS = {
+    "says": "greedy decoding gives the whole target: under teacher forcing every target token "
+            "is the top-1 by at least says_margin nats over the runner-up (a kept fact: is "
+            "still the top-1)",
+    "prefers": "log P(target) beats log P(ground truth) by margin nats (CounterFact's "
+               "efficacy criterion); without a ground truth, P(target) >= stop_prob and greedy "
+               "decoding gives it",
+}
 
 
 @dataclass
@@ -286,16 +298,20 @@ def _scores(model: EngramModel, logp: torch.Tensor, idx: list[int], gold: list[t
             truths: _Truths, margins: torch.Tensor, settings: DistillSettings,
             exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the facts ``idx``, from the log-probs ``logp`` at their target positions (in order):
-    log P(target) (differentiable), target length, and solved (CPU bool): the target beats the
-    ground truth by the fact's margin (``margins``); without a ground truth, P(target) >=
-    ``stop_prob`` and greedy decoding gives it."""
+    log P(target) (differentiable), target length, and solved (CPU bool) as ``settings.goal``
+    says (``GOALS``), with the fact's margin (``margins``)."""
     device = logp.device
     margin = margins[idx]
     gold_sel = torch.cat([gold[i] for i in idx])
     lengths = torch.tensor([len(gold[i]) for i in idx], device=device)
     owner = torch.repeat_interleave(torch.arange(len(idx), device=device), lengths)
-    lp = torch.zeros(len(idx), device=device).index_add(
-        0, owner, logp.gather(1, gold_sel[:, None]).squeeze(1))
+    token_lp = logp.gather(1, gold_sel[:, None]).squeeze(1)
+    lp = torch.zeros(len(idx), device=device).index_add(0, owner, token_lp)
+    if settings.goal == "says":
+        runner_up = logp.detach().scatter(1, gold_sel[:, None], float("-inf")).amax(-1)
+        lead = torch.full((len(idx),), float("inf"), device=device).scatter_reduce(
+            0, owner, token_lp.detach() - runner_up, reduce="amin")
+        return lp, lengths.float(), (lead >= margin).cpu()
     wrong = torch.zeros(len(idx), device=device).index_add(
         0, owner, (logp.argmax(-1) != gold_sel).float())
     first = logp.detach()[torch.cumsum(lengths, 0) - lengths]
@@ -329,7 +345,8 @@ def _solve_batch(model: EngramModel, tokens: list[FactTokens], rows: list[FactRo
     owned = _owned(rows, touched, n)
     gold = [torch.tensor(t.target, device=device) for t in facts]
     truths = _Truths(model, facts)
-    margins = torch.tensor([settings.margin] * len(tokens) + [settings.keep_margin] * len(keep),
+    first_margin = settings.says_margin if settings.goal == "says" else settings.margin
+    margins = torch.tensor([first_margin] * len(tokens) + [settings.keep_margin] * len(keep),
                            device=device)
     weights = {lid: model.engram(lid).embed.weight.detach()[t] for lid, t in touched.items()}
     deltas = {lid: (start[lid].clone() if start else torch.zeros_like(w)).requires_grad_(True)

@@ -27,7 +27,9 @@ class Fact:
     """One requested edit: after it, ``prompt`` should continue with ``target_new``.
 
     ``rephrase_prompts`` ask the same thing in other words (paraphrase metric);
-    ``locality_prompts`` with ``locality_answers`` are neighbours that must keep their answers.
+    ``locality_prompts`` with ``locality_answers`` are neighbours that must keep their answers;
+    ``portability_prompts`` with ``portability_answers`` are questions whose answers should
+    follow from the new fact (EasyEdit's portability).
     ``line`` is the 1-based line of the fact file it came from (0 when built in code).
     """
 
@@ -38,6 +40,8 @@ class Fact:
     rephrase_prompts: list[str] = field(default_factory=list)
     locality_prompts: list[str] = field(default_factory=list)
     locality_answers: list[str] = field(default_factory=list)
+    portability_prompts: list[str] = field(default_factory=list)
+    portability_answers: list[str] = field(default_factory=list)
     line: int = 0
 
     @property
@@ -64,7 +68,9 @@ class Fact:
         return {"prompt": d["prompt"], "subject": d["subject"], "target_new": d["target_new"],
                 "ground_truth": d["ground_truth"], "rephrase_prompt": d["rephrase_prompts"],
                 "locality_prompt": d["locality_prompts"],
-                "locality_ground_truth": d["locality_answers"]}
+                "locality_ground_truth": d["locality_answers"],
+                "portability_prompt": d["portability_prompts"],
+                "portability_ground_truth": d["portability_answers"]}
 
 
 class _Line:
@@ -123,12 +129,17 @@ def _easyedit(rec: dict[str, Any], at: _Line) -> Fact | None:
     answers = at.strings(rec, "locality_ground_truth")
     if prompt is not None and subject is not None and subject not in prompt:
         at.bad("subject", f"{subject!r} does not occur in the prompt {prompt!r}")
-    if loc is not None and answers is not None and len(loc) != len(answers):
-        at.bad("locality_ground_truth", f"{len(answers)} answers for {len(loc)} "
-                                        f"locality prompts (they must pair up)")
+    port = at.strings(rec, "portability_prompt")
+    port_answers = at.strings(rec, "portability_ground_truth")
+    for kind, prompts, replies in (("locality", loc, answers), ("portability", port,
+                                                                port_answers)):
+        if prompts is not None and replies is not None and len(prompts) != len(replies):
+            at.bad(f"{kind}_ground_truth", f"{len(replies)} answers for {len(prompts)} "
+                                           f"{kind} prompts (they must pair up)")
     if len(at.problems) > before:
         return None
-    return Fact(prompt, subject, target, truth, rephrase, loc, answers, at.number)
+    return Fact(prompt, subject, target, truth, rephrase, loc, answers, port, port_answers,
+                at.number)
 
 
 def _counterfact(rec: dict[str, Any], at: _Line) -> Fact | None:
@@ -176,7 +187,7 @@ def _counterfact(rec: dict[str, Any], at: _Line) -> Fact | None:
         return None
     prompt = template.replace("{}", subject)
     return Fact(prompt, subject, targets["target_new"], targets.get("target_true"),
-                paraphrases, loc, answers, at.number)
+                paraphrases, loc, answers, line=at.number)
 
 
 def parse_fact(rec: Any, path: Path, number: int, problems: list[str]) -> Fact | None:
@@ -195,7 +206,8 @@ def read_facts(path: str | Path) -> list[Fact]:
 
     Each non-blank line is one JSON object, either with EasyEdit fields (``prompt``,
     ``subject``, ``target_new``, optional ``ground_truth``, ``rephrase_prompt`` string or list,
-    ``locality_prompt`` and ``locality_ground_truth`` strings or lists of equal length) or a
+    ``locality_prompt`` and ``locality_ground_truth`` strings or lists of equal length, and
+    likewise ``portability_prompt`` and ``portability_ground_truth``) or a
     CounterFact record (``requested_rewrite`` with a ``{}`` prompt, ``subject``,
     ``target_new.str``, ``target_true.str``; ``paraphrase_prompts``; ``neighborhood_prompts``
     as strings answered by ``target_true`` or ``{prompt, answer}`` objects). Unknown fields are
@@ -211,8 +223,8 @@ def read_facts(path: str | Path) -> list[Fact]:
         BadInputError: one line per problem, ``FILE:LINE: field: what is wrong``: a missing or
             unreadable file, bytes that are not UTF-8, not JSON, not an object, a missing or
             non-string field, an empty target, a subject not in its prompt, a CounterFact
-            prompt without ``{}``, locality lists of different lengths, two lines asking
-            different targets for one prompt, or a file with no facts.
+            prompt without ``{}``, locality or portability lists of different lengths, two
+            lines asking different targets for one prompt, or a file with no facts.
 
     Example:
         >>> facts = read_facts("fixtures/facts/counterfact.jsonl")  # doctest: +SKIP
