@@ -17,10 +17,14 @@ def test_the_patch_benchmark_runs_small_and_its_undo_restores_every_file(tmp_pat
     (out,) = tmp_path.glob("patch-*.json")
     result = json.loads(out.read_text())
     batch, overwrite, seq = result["batch"], result["overwrite"], result["sequential"]
-    assert batch["facts"] == overwrite["facts"] == 6
-    assert batch["after"]["efficacy"] > batch["before"]["efficacy"]
-    assert set(batch["bars"]) == {"efficacy>=0.95", "neighbourhood>=0.95*before",
-                                  "edits_per_s>=20", "heldout_loss_rise<1%"}
+    assert batch["facts"] == overwrite["facts"] == result["prefers"]["facts"] == 6
+    assert batch["goal"] == "says" and result["prefers"]["goal"] == "prefers"
+    assert batch["after"]["says"] > batch["before"]["says"]
+    assert batch["after"]["paraphrase_says"] is not None  # measured on held-out rephrasings
+    assert set(result["bars"]) == {"says>=0.95", "paraphrase_says>=0.6",
+                                   "neighbourhood_unchanged>=0.95", "heldout_loss_rise<1%",
+                                   "edits_per_s>=20"}
+    assert result["speed"]["facts"] == 6 and result["speed"]["seconds"] > 0
     assert seq["edits"] == 8 and len(seq["patches"]) == 2
     known = seq["known_right_before"]
     assert known >= 500 and 0 <= seq["known_right_after"] <= known
