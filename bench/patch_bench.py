@@ -11,6 +11,12 @@ generalization are measured on wording the edit never saw.
               edits/s = facts / wall time of the whole `engram-edit patch --no-measure`
               command on a copy of the model (2 threads), timed apart from the measured run;
               then the same facts with --method overwrite and with --goal prefers.
+  baselines   the same facts, same model, written into one MLP's weights instead of rows
+              (weight_edits.py): FT-L as EasyEdit runs it (norm constraint 5e-5) and with
+              a looser constraint (5e-3), and the ROME/MEMIT closed form; the layer and
+              the MEMIT weight were chosen on facts outside this sample (bench/NOTES.md).
+              Compared in every metric, in compute edits/s (model loaded; the row edit's
+              compute_seconds is the same measure) and in the bytes an undo must keep.
   sequential  --patches patches of --per-patch facts each (default 10 x 100 = 1000 edits,
               disjoint from one another), each computed on the model with the earlier ones
               applied, keeping their facts solved (as `patch` does with the facts of applied
@@ -58,6 +64,9 @@ from engram_edit.eval import fact_metrics, greedy_hits, heldout_windows, neighbo
 from engram_edit.index import default_index_for
 from engram_edit.train import tokenize_texts
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import weight_edits  # noqa: E402  (beside this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = ROOT / "fixtures" / "facts" / "counterfact.jsonl"
 KNOWN = ROOT / "fixtures" / "facts" / "known_facts.jsonl"
@@ -77,8 +86,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--per-patch", type=int, default=100, help="facts per sequential patch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the fact samples and edits")
-    p.add_argument("--skip", nargs="*", default=[], choices=["batch", "overwrite", "prefers",
-                                                              "speed", "sequential"],
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["batch", "overwrite", "prefers", "speed", "baselines", "sequential"],
                    help="parts to leave out")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
                    help="where patch-<date>.json is written; default bench/results")
@@ -123,7 +132,8 @@ def batch_run(files, model, facts, stream, method: Method, seed: int,
         load_patch_rows(model, report.patch, "before")
     out = {"method": method.value, "goal": goal if method is Method.DISTILL else None,
            "facts": report.facts, "rows_touched": report.rows_touched, "notes": report.notes,
-           "compute_seconds": report.seconds, "unsolved": len(report.unsolved),
+           "compute_seconds": report.seconds, "edits_per_s_compute": report.facts / report.seconds,
+           "undo_bytes": undo_bytes(report.patch), "unsolved": len(report.unsolved),
            "before": asdict(before), "after": asdict(after),
            "heldout_loss_rise": after.heldout_loss / before.heldout_loss - 1}
     log(f"{method.value} ({out['goal']}): {report.facts} facts, {report.seconds:.1f} s to "
@@ -132,6 +142,52 @@ def batch_run(files, model, facts, stream, method: Method, seed: int,
         f"{before.efficacy:.3f} -> {after.efficacy:.3f}, neighbours unchanged "
         f"{after.neighbourhood_unchanged:.3f}, held-out loss {before.heldout_loss:.4f} -> "
         f"{after.heldout_loss:.4f}")
+    return out
+
+
+def undo_bytes(patch) -> int:
+    """What undoing a patch needs kept: the row ids and the rows as they were."""
+    return sum(e.rows.nbytes + e.before.data.nbytes
+               + (e.before.scale.nbytes if e.before.scale is not None else 0)
+               for e in patch.edits)
+
+
+# (name, method, layer, settings): layer and MEMIT weight chosen on facts outside the sample
+BASELINES = [("ft_l", "ft_l", 0, {"norm_constraint": 5e-5}),
+             ("ft_l_loose", "ft_l", 0, {"norm_constraint": 5e-3}),
+             ("memit", "memit", 2, {"lam": 1000.0})]
+
+
+STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def baseline_runs(files, model, facts, stream, before: dict) -> dict:
+    """Each weight edit of ``BASELINES`` on ``facts``, measured, then undone."""
+    tok, settings = files.tokenizer, EditSettings(measure=False)
+    reference = neighbour_reference(model, tok, facts)
+    windows = measured_windows(stream, settings)
+    out = {}
+    for name, method, layer, extra in BASELINES:
+        stored = STORED[files.tensors[f"layers.{layer}.mlp.down_proj.weight"].dtype]
+        if method == "ft_l":
+            edit, original = weight_edits.ft_l(model, tok, facts, layer, stored, **extra)
+        else:
+            moment = weight_edits.key_moment(model, layer, heldout_windows(
+                stream[len(stream) // 2:], 64, 128))
+            edit, original = weight_edits.memit(model, tok, facts, layer, stored, moment, **extra)
+        try:
+            after = fact_metrics(model, tok, facts, reference, windows)
+        finally:
+            weight_edits.restore(model, layer, original)
+        out[name] = {"method": method, "layer": layer, "settings": extra,
+                     "facts": len(facts), "compute_seconds": edit.seconds,
+                     "edits_per_s_compute": len(facts) / edit.seconds,
+                     "undo_bytes": edit.changed_bytes, "matrix_bytes": edit.matrix_bytes,
+                     "after": asdict(after),
+                     "heldout_loss_rise": after.heldout_loss / before["heldout_loss"] - 1}
+        log(f"{name} (layer {layer}, {extra}): {edit.seconds:.1f} s; says {after.says:.3f}, "
+            f"paraphrase_says {after.paraphrase_says:.3f}, neighbours unchanged "
+            f"{after.neighbourhood_unchanged:.3f}, held-out loss {after.heldout_loss:.4f}")
     return out
 
 
@@ -244,6 +300,9 @@ def main() -> None:
                 **({"edits_per_s>=20": result["speed"]["edits_per_s"] >= 20}
                    if "speed" in result else {})}
             log(f"bars: {result['bars']} (says before {before['says']:.3f})")
+        if "baselines" not in args.skip and "batch" in result:
+            result["baselines"] = baseline_runs(files, model, sample, stream,
+                                                result["batch"]["before"])
         if "prefers" not in args.skip:
             result["prefers"] = batch_run(files, model, sample, stream, Method.DISTILL,
                                           args.seed, goal="prefers")

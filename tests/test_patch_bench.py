@@ -24,6 +24,12 @@ def test_the_patch_benchmark_runs_small_and_its_undo_restores_every_file(tmp_pat
     assert set(result["bars"]) == {"says>=0.95", "paraphrase_says>=0.6",
                                    "neighbourhood_unchanged>=0.95", "heldout_loss_rise<1%",
                                    "edits_per_s>=20"}
+    baselines = result["baselines"]
+    assert set(baselines) == {"ft_l", "ft_l_loose", "memit"}
+    for run in baselines.values():
+        assert run["facts"] == 6 and run["undo_bytes"] > 0 and run["after"]["says"] is not None
+    # each baseline gave the model back: the runs after them start where the first did
+    assert result["prefers"]["before"] == batch["before"]
     assert result["speed"]["facts"] == 6 and result["speed"]["seconds"] > 0
     assert seq["edits"] == 8 and len(seq["patches"]) == 2
     known = seq["known_right_before"]
