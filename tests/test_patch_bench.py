@@ -25,7 +25,7 @@ def test_the_patch_benchmark_runs_small_and_its_undo_restores_every_file(tmp_pat
                                    "neighbourhood_unchanged>=0.95", "heldout_loss_rise<1%",
                                    "edits_per_s>=20"}
     baselines = result["baselines"]
-    assert set(baselines) == {"ft_l", "ft_l_loose", "memit"}
+    assert set(baselines) == {"ft_l", "ft_l_loose", "memit", "memit_loose"}
     for run in baselines.values():
         assert run["facts"] == 6 and run["undo_bytes"] > 0 and run["after"]["says"] is not None
     # each baseline gave the model back: the runs after them start where the first did
