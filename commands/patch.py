@@ -182,7 +182,12 @@ def patch_command(
     "slot_ngrams" and "slot_occurrences": mean indexed n-grams per touched row
     and their mean corpus occurrences, "sharers": [{"ngram", "count", "rows"}]
     (top 10 by corpus count), "more_sharers", "contexts": locality prompts cut
-    from the corpus}, or null without an index; and "notes": a list of lines.
+    from the corpus}, or null without an index; "unsolved": one object per fact
+    left short of its goal, {"line", "prompt", "lead": the least margin in nats
+    of a target token over the runner-up, over its fitted wordings, "rows",
+    "rows_at_bound": rows the norm bound holds back, "shares_rows_with": other
+    facts of the file changing some of the same rows}; and "notes": a list of
+    lines.
 
     On a DeepSeek-V4.1 directory only --method overwrite runs (distill needs
     the whole network): each located row, alone in its column, is moved to say
@@ -246,7 +251,10 @@ def patch_command(
               "before": report.before and asdict(report.before),
               "after": report.after and asdict(report.after),
               "goal": settings.distill.goal if chosen is Method.DISTILL else None,
-              "unsolved": [fact_list[i].prompt for i in report.unsolved],
+              "unsolved": [{"line": fact_list[u.index].line, "prompt": fact_list[u.index].prompt,
+                            "lead": u.lead, "rows": u.rows, "rows_at_bound": u.rows_at_bound,
+                            "shares_rows_with": u.shares_rows_with}
+                           for u in report.unsolved_facts],
               "sharing": report.sharing and [{"prompt": f.prompt, **s.to_dict()} for f, s in
                                              zip(fact_list, report.sharing, strict=True)],
               "notes": report.notes}
@@ -334,10 +342,15 @@ def _render_patch(console: Console, result: dict, report, dry_run: bool) -> None
                   f"{report.seconds:.1f} s ({report.edits_per_s:.1f} edits/s)")
     if report.unsolved:
         missed = result["unsolved"]
-        shown = ", ".join(repr(p) for p in missed[:5])
-        more = f" and {len(missed) - 5} more" if len(missed) > 5 else ""
-        console.print(f"{len(missed)} fact(s) did not reach the goal ({result['goal']}): "
-                      f"{shown}{more}")
+        console.print(f"{len(missed)} fact(s) did not reach the goal ({result['goal']}); the "
+                      f"rows could not carry them within the steps and the norm bound:")
+        for m in missed[:5]:
+            console.print(f"  line {m['line']}: {m['prompt']!r}: least margin {m['lead']:+.2f} "
+                          f"nats, {m['rows_at_bound']} of {m['rows']} rows at the norm bound, "
+                          f"rows shared with {m['shares_rows_with']} other fact(s)",
+                          soft_wrap=True)
+        if len(missed) > 5:
+            console.print(f"  ... and {len(missed) - 5} more (--json lists them all)")
     if report.before is not None:
         render_metrics(console, "metrics", {"before": report.before, "after": report.after})
     if result["sharing"]:

@@ -271,6 +271,7 @@ class _Scores:
     hits: np.ndarray  # [n] share of the target tokens that are the argmax
     top1: list[list[int]]  # [n][target length] the argmax at each target position
     first: torch.Tensor | None  # [n, vocab] log-probs at the first target position
+    lead: np.ndarray  # [n] least log-prob margin of a target token over the best other token
 
 
 @torch.no_grad()
@@ -282,6 +283,7 @@ def _teacher_forced(model: EngramModel, prompts: list[list[int]], targets: list[
     logprob = np.zeros(len(prompts))
     greedy = np.zeros(len(prompts), dtype=bool)
     hits = np.zeros(len(prompts))
+    lead = np.zeros(len(prompts))
     top1: list[list[int]] = []
     first = []
     for start in range(0, len(prompts), batch_size):
@@ -300,11 +302,13 @@ def _teacher_forced(model: EngramModel, prompts: list[list[int]], targets: list[
             logprob[start + i] = float(logp[i, pos, tgt].sum())
             greedy[start + i] = bool((best == tgt).all())
             hits[start + i] = float((best == tgt).float().mean())
+            other = logp[i, pos].scatter(1, tgt[:, None], float("-inf")).amax(-1)
+            lead[start + i] = float((logp[i, pos, tgt] - other).min())
             top1.append(best.tolist())
             if keep_first:
                 first.append(logp[i, pos[0]].clone())
     return _Scores(logprob, greedy, hits, top1,
-                   torch.stack(first) if keep_first and first else None)
+                   torch.stack(first) if keep_first and first else None, lead)
 
 
 @torch.no_grad()
@@ -497,6 +501,15 @@ def fact_metrics(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence
         neighbourhood=hood, neighbourhood_magnitude=hood_lead,
         neighbourhood_unchanged=unchanged, neighbourhood_kl=kl,
         heldout_loss=None if heldout is None else heldout_loss(model, heldout, memory))
+
+
+def target_leads(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
+                 memory: bool = True) -> np.ndarray:
+    """Per fact, the least margin in nats by which a token of target_new is the top-1 after its
+    prompt, teacher forced (``[n]``; negative where another token wins somewhere): the fact is
+    said when it is positive."""
+    pairs = [_encode(tokenizer, f.prompt, f.target_new) for f in facts]
+    return _teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs], memory).lead
 
 
 def greedy_hits(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],

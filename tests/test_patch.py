@@ -41,7 +41,13 @@ from engram_edit.edit.locate import (
 from engram_edit.edit.overwrite import OverwriteSettings, closed_form
 from engram_edit.edit.patch import read_patch
 from engram_edit.edit.rows import NgramOp, ngram_rows, ngram_values
-from engram_edit.eval import FactMetrics, fact_metrics, greedy_hits, neighbour_reference
+from engram_edit.eval import (
+    FactMetrics,
+    fact_metrics,
+    greedy_hits,
+    neighbour_reference,
+    target_leads,
+)
 
 FACTS = [
     {"prompt": "Diana, Princess of", "subject": "Diana", "target_new": "Wales",
@@ -329,6 +335,47 @@ def test_three_hundred_facts_run_in_several_batches_and_every_solved_fact_is_sai
     solved = [i for i in range(300) if i not in report.unsolved]
     assert solved and said[solved].all()  # "solved" is what generate will print
     assert said.mean() == report.after.says
+
+
+def test_an_unsolved_fact_is_reported_with_its_margin_and_what_held_its_rows(loaded):
+    files, model = loaded
+    held = DistillSettings(steps=2, lr=0.3, norm_bound=1e-3, heldout_windows=0, says_margin=0.3,
+                           warm_start=False)  # a bound far below every row's norm
+    report = edit_facts(files, model, facts(), EditSettings(distill=held))
+    assert report.unsolved and [u.index for u in report.unsolved_facts] == report.unsolved
+    wording_leads = []
+    load_patch_rows(model, report.patch, "after")
+    try:
+        said = greedy_hits(model, files.tokenizer, facts())
+        for f in facts():
+            wording_leads.append(target_leads(model, files.tokenizer, wordings(f)).min())
+    finally:
+        load_patch_rows(model, report.patch, "before")
+    rows = [fitted_rows(files, f) for f in facts()]
+    for u in report.unsolved_facts:
+        assert u.lead == pytest.approx(wording_leads[u.index], abs=1e-5)
+        assert u.lead < held.says_margin
+        if len(wordings(facts()[u.index])) == 1:
+            assert bool(said[u.index]) == (u.lead > 0)  # the lead is what generate shows
+        assert u.rows == sum(len(r) for r in rows[u.index].values()) > 0
+        assert u.rows_at_bound == u.rows
+        assert u.shares_rows_with == sum(
+            any(np.intersect1d(rows[u.index][lid], rows[j][lid]).size for lid in rows[j])
+            for j in range(len(rows)) if j != u.index)
+
+
+def test_patch_json_lists_each_unsolved_fact_with_its_line_and_margin(model_dir, facts_file):
+    code, out, err = run(["patch", facts_file, "--model", model_dir, "--steps", "1", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["unsolved"], "one step leaves facts unsolved on a random tiny model"
+    for m in result["unsolved"]:
+        assert FACTS[m["line"] - 1]["prompt"] == m["prompt"]
+        assert set(m) == {"line", "prompt", "lead", "rows", "rows_at_bound", "shares_rows_with"}
+        assert m["lead"] < 1.0  # short of the default goal's 1-nat margin
+    code, out, err = run(["patch", facts_file, "--model", model_dir, "--steps", "1"])
+    assert code == 0, err
+    assert "least margin" in out and "line " in out
 
 
 def test_prefers_is_the_weaker_goal_it_names(loaded):

@@ -21,7 +21,7 @@ from engram_edit.edit.costs import RowCosts, read_costs
 from engram_edit.edit.distill import DistillProgress, DistillSettings, distill
 from engram_edit.edit.facts import Fact
 from engram_edit.edit.locate import FactRows, FactTokens, RowChoice, locate_rows, tokenize_fact
-from engram_edit.edit.overwrite import OverwriteSettings, closed_form
+from engram_edit.edit.overwrite import OverwriteSettings, closed_form, layer_norm_bounds
 from engram_edit.edit.patch import Patch, tool_version
 from engram_edit.edit.rows import rows_patch
 from engram_edit.edit.sharing import FactSharing, corpus_of, facts_sharing, sharer_prompts
@@ -31,6 +31,7 @@ from engram_edit.eval import (
     fact_metrics,
     heldout_windows,
     neighbour_reference,
+    target_leads,
 )
 from engram_edit.index import NgramIndex
 from engram_edit.model import EngramModel
@@ -83,6 +84,18 @@ class EditProgress:
 
 
 @dataclass
+class UnsolvedFact:
+    """Why a fact was left short of its goal, as far as the rows tell."""
+
+    index: int  # in the fact list
+    lead: float  # after the edit: least margin (nats) of a target token over the runner-up,
+    # over the prompt and the wordings fitted with it; the goal asks for ``says_margin``
+    rows: int  # rows the fact may change
+    rows_at_bound: int  # of those, rows the norm bound holds back
+    shares_rows_with: int  # other facts of the file that change some of the same rows
+
+
+@dataclass
 class EditReport:
     """What ``edit_facts`` made: the patch, and how the model fares before and after it."""
 
@@ -95,6 +108,7 @@ class EditReport:
     unsolved: list[int]  # indices of facts that did not reach the method's stop criterion
     sharing: list[FactSharing] | None = None  # per fact, with an index: rows and their sharers
     notes: list[str] = field(default_factory=list)  # what could not be done, and why
+    unsolved_facts: list[UnsolvedFact] = field(default_factory=list)  # distill: per unsolved
 
     @property
     def edits_per_s(self) -> float:
@@ -169,21 +183,57 @@ def applied_facts(files: ModelFiles) -> list[Fact]:
     return out
 
 
+def _wordings(fact: Fact, settings: EditSettings) -> list[str]:
+    """The prompts distill fits for a fact: its prompt, then (``fit_rephrase_prompts``) the
+    file's rephrase prompts that hold the subject."""
+    extra = ([t for t in fact.rephrase_prompts if fact.subject in t]
+             if settings.fit_rephrase_prompts else [])
+    return [fact.prompt] + extra
+
+
 def _phrasings(facts: list[Fact], tokens: list[FactTokens], settings: EditSettings,
                tok: EngramTokenizer) -> tuple[list[FactTokens], list[int]]:
-    """Every wording distill fits, fact by fact: the prompt, then (``fit_rephrase_prompts``)
-    the file's rephrase prompts that hold the subject; with the fact each belongs to."""
+    """Every wording distill fits (``_wordings``), fact by fact, tokenized; with the fact each
+    belongs to."""
     seqs, owner = [], []
     for k, (f, t) in enumerate(zip(facts, tokens, strict=True)):
-        seqs.append(t)
-        owner.append(k)
-        if not settings.fit_rephrase_prompts:
-            continue
-        for text in f.rephrase_prompts:
-            if f.subject in text:
-                seqs.append(tokenize_fact(replace(f, prompt=text), tok))
-                owner.append(k)
+        for j, text in enumerate(_wordings(f, settings)):
+            seqs.append(t if j == 0 else tokenize_fact(replace(f, prompt=text), tok))
+            owner.append(k)
     return seqs, owner
+
+
+def _unsolved_facts(model: EngramModel, tok: EngramTokenizer, facts: list[Fact],
+                    unsolved: list[int], settings: EditSettings, fact_rows: list[FactRows],
+                    patch: Patch) -> list[UnsolvedFact]:
+    """The margin each unsolved fact reached with the patch in place, and what held it: rows
+    at their norm bound, rows other facts also change."""
+    if not unsolved:
+        return []
+    bounds = layer_norm_bounds(model, settings.distill.norm_bound)
+    wordings = [(k, replace(facts[k], prompt=text)) for k in unsolved
+                for text in _wordings(facts[k], settings)]
+    load_patch_rows(model, patch, "after")
+    try:
+        leads = target_leads(model, tok, [f for _, f in wordings])
+        norms = {e.layer_id: (e.rows, np.linalg.norm(e.after.values(), axis=1))
+                 for e in patch.edits}
+    finally:
+        load_patch_rows(model, patch, "before")
+    out = []
+    for k in unsolved:
+        lead = min(float(x) for (j, _), x in zip(wordings, leads, strict=True) if j == k)
+        held = 0
+        for lid, mine in fact_rows[k].rows.items():
+            rows, norm = norms.get(lid, (np.zeros(0, dtype=np.int64), np.zeros(0)))
+            at = np.searchsorted(rows, mine)
+            inside = at < len(rows)
+            found = inside & (rows[np.minimum(at, len(rows) - 1)] == mine)
+            held += int((norm[at[found]] >= 0.99 * bounds[lid]).sum())
+        shared = sum(any(np.intersect1d(fact_rows[k].rows[lid], fact_rows[j].rows[lid]).size
+                         for lid in fact_rows[k].rows) for j in range(len(facts)) if j != k)
+        out.append(UnsolvedFact(k, lead, fact_rows[k].count, held, shared))
+    return out
 
 
 def _firsts(owner: list[int]) -> list[bool]:
@@ -302,6 +352,8 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         unsolved = []
     with files.table() as table:
         patch = rows_patch(table, files.fingerprint(), values)
+    detail = (_unsolved_facts(model, tok, facts, unsolved, settings, fact_rows, patch)
+              if settings.method is Method.DISTILL else [])
     seconds = time.perf_counter() - start
     after = None
     if settings.measure:
@@ -325,4 +377,4 @@ def edit_facts(files: ModelFiles, model: EngramModel, facts: list[Fact],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return EditReport(patch, len(facts), patch.rows_touched, seconds, before, after, unsolved,
-                      sharing, notes)
+                      sharing, notes, detail)
