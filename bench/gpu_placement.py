@@ -1,5 +1,5 @@
 """Benchmark: forward tokens/s with the Engram tables on the GPU, in host memory, or read from
-the memory file (issue 7, placement), side by side in one run.
+the memory file, side by side in one run.
 
 Builds one random model directory: hidden 2048, 12 layers (16 heads, SwiGLU 5632, 4
 hyper-connection streams), a 32768-token word-level vocabulary (every token its own compressed
@@ -13,7 +13,7 @@ host's deduplication), under bf16 autocast, with torch.cuda.synchronize() around
 loop. tokens/s = iters * batch * seq / seconds. Also recorded: build time, peak GPU memory,
 rows fetched per layer, and whether the last-position logits of the first batch are
 bit-identical to gpu's.
-Goal (issue 7): host within 1% of gpu (the paper lost 1.9-2.8%). mmap is for tables larger
+Goal: host within 1% of gpu (the paper lost 1.9-2.8%). mmap is for tables larger
 than RAM; its file is in the page cache here, so its figure is a best case.
 Results: bench/results/gpu-placement-<date>-<gpu name>.json, rewritten after each placement so
 a run cut short keeps what it measured. Needs ~12 GB of disk, ~45 GB of RAM, ~40 GB of GPU.

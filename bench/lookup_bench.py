@@ -7,7 +7,7 @@
    posix_fadvise(POSIX_FADV_DONTNEED)) and time a fresh `engram-edit lookup TEXT --memory DIR
    --json` process, wall clock. One untimed extra run per memory, in a `python -c` child, checks
    that torch was never imported and reports the bytes it read from storage (/proc/self/io
-   read_bytes) after the same eviction. Goals (issue 5): both medians < 0.5 s, big / small <= 1.5.
+   read_bytes) after the same eviction. Goals: both medians < 0.5 s, big / small <= 1.5.
 2. With a backbone. Side by side, --repeat rounds: a fresh `engram-edit lookup TEXT --model
    MODEL` (the bundled model by default) against a bare `python -c "import torch"`.
    Goal: lookup median < import-torch median + 1 s. CPU seconds (user + system) of every

@@ -7,7 +7,7 @@ Then, --repeat times, side by side on the same files:
   split  engram_edit.split.split_model in a child process (no torch); peak RSS is the child's
          VmHWM from /proc/self/status (ru_maxrss would count the parent's pages: Linux carries
          the old high-water mark across exec)
-Goals (issue 7): split <= 2x the time of cp, peak RSS <= 512 MB. Results go to
+Goals: split <= 2x the time of cp, peak RSS <= 512 MB. Results go to
 bench/results/split-<date>.json. Needs about 3x --gb of free disk in --dir.
 
 Run (from the repo root, venv active):

@@ -2,7 +2,7 @@
 
 Owns reading the unpacked source packages (fetched beforehand by fixtures/recipe/fetch_sources.sh,
 never at run time), cleaning, exact dedup, the train/valid split, the JSONL + manifest files, and
-training `tokenizer.json` (issue 4, parts 1-2). Loading a tokenizer and the compression table are
+training `tokenizer.json`. Loading a tokenizer and the compression table are
 tokenizer.py's; batching and the training loop are train.py's.
 
 Stages, each a function that can be run alone: read a source -> `normalize_text` -> dedup ->

@@ -203,7 +203,7 @@ def text_ablation(model: EngramModel, stream: np.ndarray, windows: int = 32,
                        out[False][1])
 
 
-# --- edit metrics (issue 6) -------------------------------------------------------------------
+# --- edit metrics -------------------------------------------------------------------
 
 @dataclass
 class FactMetrics:

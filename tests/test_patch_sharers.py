@@ -1,4 +1,4 @@
-"""Edits and the corpus n-gram index (issue 8 "Uses"): each fact's report names the other n-grams
+"""Edits and the corpus n-gram index: each fact's report names the other n-grams
 its rows serve, ``--rows auto`` leaves out crowded heads, and distill's locality term gets corpus
 text ending with those n-grams. On a tiny random model whose small tables share many rows."""
 

@@ -1,5 +1,5 @@
 """Computing an edit from facts: locate the rows, run the method, quantize into a Patch, and
-measure the model before and after (issue 6). Nothing on disk changes here: applying the patch
+measure the model before and after. Nothing on disk changes here: applying the patch
 is journal.py's. The model is used as a scratch copy and left as it was given.
 """
 

@@ -1,6 +1,6 @@
 """What changing a table row costs an edit: both methods take the change of least cost-weighted
 norm (the closed form exactly, distill by scaling each row's Adam step by 1 / cost), so costly
-rows move less and the edit goes into cheap ones (issue 6 "Methods").
+rows move less and the edit goes into cheap ones.
 
 A row's cost is the product of two counts of what else depends on it:
 - how much the corpus reads it (the occurrences of the indexed n-grams hashed onto it, over the

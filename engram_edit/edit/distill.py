@@ -1,6 +1,6 @@
 """distill: optimize only the table rows a batch of facts touches, the model frozen, until each
 fact's prompt continues with its target; a KL term keeps neighbours and held-out text as the
-unedited model had them, and a norm bound keeps rows in range (issue 6 "Methods").
+unedited model had them, and a norm bound keeps rows in range.
 
 Which rows is locate.py's; the frozen forward frozen.py's; quantizing the result and building
 the Patch compute.py's. The table on disk is never touched here, and the model is left exactly

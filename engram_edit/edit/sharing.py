@@ -1,4 +1,4 @@
-"""Which other n-grams the rows of an edit serve (issue 8 "Uses"): per fact, the rows it touches,
+"""Which other n-grams the rows of an edit serve: per fact, the rows it touches,
 the indexed n-grams that read them besides the fact's own, and corpus text that ends with those
 n-grams, for distill's locality term. Reading the index is index.py's, choosing rows locate.py's.
 """

@@ -2,7 +2,7 @@
 
 gpu: a parameter on the model's device (trainable); host: CPU memory, the needed rows copied to
 the device per forward; mmap: read from the memory file on demand. Reading the file is
-memory.py's job, building the model checkpoint.py's (DESIGN.md, memory.py; issue 7).
+memory.py's job, building the model checkpoint.py's (DESIGN.md, memory.py).
 """
 
 from __future__ import annotations
