@@ -19,7 +19,7 @@ load average is recorded, as a busy machine stretches every number):
   lookup       engram-edit lookup TEXT --memory memory/ --json            goal < 1 s
   rows         engram-edit rows 1 R1 R2 R3 --memory memory/ --json        goal < 1 s
   overwrite    one n-gram of v4/ rewritten in place: rows located, new rows encoded to FP8 per
-               ENGRAM_SPEC.md section 7, apply_patch under the journal    goal < 2 s
+               docs/engram.md section 7, apply_patch under the journal    goal < 2 s
   lens         (no goal) the V4.1 logit lens of one row: wkv value rows, norm, the 1.3 GB head
 RSS goal: every timed process within 300 MB of the bare start. Results go to
 bench/results/v4-scale-<date>.json.

@@ -25,7 +25,7 @@ from engram_edit.split import (
 
 
 class RowDtypeChoice(str, Enum):
-    fp8 = "fp8"  # float8_e4m3 rows + E8M0 scale per 32 columns (ENGRAM_SPEC.md section 7)
+    fp8 = "fp8"  # float8_e4m3 rows + E8M0 scale per 32 columns (docs/engram.md section 7)
     bf16 = "bf16"
     f16 = "f16"
     f32 = "f32"

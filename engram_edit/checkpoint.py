@@ -1,4 +1,4 @@
-"""Model and memory directories on disk <-> objects; fingerprints (DESIGN.md, "Files on disk").
+"""Model and memory directories on disk <-> objects; fingerprints.
 
 Opening a directory reads config, tokenizer and safetensors headers only (no torch); building
 the torch model is a separate step. Writes are atomic (fileio).

@@ -1,7 +1,7 @@
 """EngramConfig: the model's settings and the only way to and from ``config.json``.
 
 Keys are flat, Hugging Face style; Engram keys use DeepSeek-V4.1's names where the idea is the
-same (ENGRAM_SPEC.md section 7). Derived keys (compressed vocab size, rows per layer) are written
+same (docs/engram.md section 7). Derived keys (compressed vocab size, rows per layer) are written
 for checking and verified on load against the tokenizer.
 """
 
@@ -31,12 +31,12 @@ class EngramConfig:
     tie_word_embeddings: bool = True
     moe_num_experts: int = 0  # 0 = dense SwiGLU MLP in every block
     moe_top_k: int = 2  # experts each token is routed to when moe_num_experts > 0
-    # hyper-connections (ENGRAM_SPEC.md section 6)
+    # hyper-connections (docs/engram.md section 6)
     hc_mult: int = 4  # parallel residual streams; 1 = plain pre-norm residual
     hc_dynamic: bool = True  # add an input-dependent term to H_pre / H_post
     hc_sinkhorn_iters: int = 8  # Sinkhorn-Knopp iterations that keep H_res doubly stochastic
     hc_readout: str = "mean"  # how the final norm reads the streams: "mean" or "learned"
-    # Engram (ENGRAM_SPEC.md sections 2-5)
+    # Engram (docs/engram.md sections 2-5)
     engram_layer_ids: list[int] = field(default_factory=lambda: [0, 2])
     engram_max_ngram_size: int = 3  # orders 2..N are hashed
     engram_n_heads: int = 4  # hash heads per n-gram order

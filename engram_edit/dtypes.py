@@ -1,7 +1,7 @@
 """Row dtypes: names, storage types, and exact codecs between stored rows and float32.
 
 numpy is the reference and the ``*_torch`` twins (torch imported inside) give the same bits;
-FP8 rows follow ENGRAM_SPEC.md section 7. Where rows live is memory.py's business.
+FP8 rows follow docs/engram.md section 7. Where rows live is memory.py's business.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def encode(dtype: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | Non
     """Quantize float rows to their stored form.
 
     Values are first rounded to float32. bfloat16 and float16 round to nearest even. float8_e4m3
-    follows ENGRAM_SPEC.md section 7 per block of 32 columns: ``amax = max(max|x|, 1e-4)``, the
+    follows docs/engram.md section 7 per block of 32 columns: ``amax = max(max|x|, 1e-4)``, the
     scale ``s`` is the smallest power of two with ``amax <= 448 * s`` (stored as the E8M0 byte
     ``log2(s) + 127``), and ``q = e4m3(clamp(x / s, -448, 448))`` rounds to nearest even.
 

@@ -1,4 +1,4 @@
-"""NgramHasher: multipliers, primes, row offsets and the n-gram hash of ENGRAM_SPEC.md sections 2-4.
+"""NgramHasher: multipliers, primes, row offsets and the n-gram hash of docs/engram.md sections 2-4.
 
 Pure functions of (config, compressed vocab size, pad id, ids); no I/O. numpy is the reference;
 torch tensors (CPU or CUDA) go through the same algorithm and give bit-identical int64 results.

@@ -1,8 +1,8 @@
 """Corpus n-gram index: the file format, and reading it (``NgramIndex``: which n-grams share each
 table row). Building the file is index_build.py's; the corpus streaming both halves use
 (documents, n-gram keys, tokenized batches) is index_corpus.py's. Row search is search.py's;
-tokenizing and hashing are tokenizer.py's and hashing.py's, editing is edit/'s. DESIGN.md
-"index.py" and "Edits"; ENGRAM_SPEC.md sections 1-5.
+tokenizing and hashing are tokenizer.py's and hashing.py's, editing is edit/'s. docs/engram.md
+sections 1-5.
 
 Index file, version 1 (``ngram-index.safetensors``)
 ---------------------------------------------------
@@ -20,7 +20,7 @@ id seen most often in the corpus (the lowest raw id when tied or unseen). Compre
 " c" with "c" and "The" with "the"; this is only used to print n-grams as the corpus spells them.
 
 ``__metadata__`` (strings only): ``format`` = "engram-ngram-index", ``version`` = "1",
-``compression_sha256`` (of the tokenizer's compression table, ENGRAM_SPEC.md 1), ``orders``
+``compression_sha256`` (of the tokenizer's compression table, docs/engram.md section 1), ``orders``
 (JSON list), ``min_count``, ``documents``, ``tokens``, ``occurrences`` and ``distinct`` (JSON
 objects order -> number, counted before the ``min_count`` cut) and ``sources`` (JSON list of
 ``{"path", "bytes", "sha256"}``, one per input file).
@@ -28,14 +28,14 @@ objects order -> number, counted before the ``min_count`` cut) and ``sources`` (
 Notes:
 - What is counted: every run of ``n`` consecutive tokens inside one document. N-grams that reach
   before a document's start (hashed with the pad id) or across two documents are not: how a
-  trainer packs documents is the trainer's choice (ENGRAM_SPEC.md 4).
+  trainer packs documents is the trainer's choice (docs/engram.md section 4).
 - A document is one JSONL line's ``"text"`` (files ending in .jsonl or .ndjson), or one
   paragraph of any other file (text between blank lines, inner line breaks kept;
   index_corpus.py).
 - Slots are not stored. The slot of an n-gram in a column is a pure function of its ids and the
-  hashing config (ENGRAM_SPEC.md 4), so the view per layer and column is hashed from the stored
-  n-grams when first asked for (one batched pass per order, then cached). Storing it would cost
-  4 bytes per n-gram per column per layer, 8x the n-grams themselves for the bundled model, and
+  hashing config (docs/engram.md section 4), so the view per layer and column is hashed from the
+  stored n-grams when first asked for (one batched pass per order, then cached). Storing it would
+  cost 4 bytes per n-gram per column per layer, 8x the n-grams themselves for the bundled model, and
   would tie the file to one seed and table size: as it is, one index serves every model whose
   tokenizer compresses the same way, which is what ``compression_sha256`` checks.
 - Empty orders are ``[0, n]`` tensors. Unknown metadata keys are ignored. Integers are

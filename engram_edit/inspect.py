@@ -2,7 +2,7 @@
 
 Rows are read by offset through MemoryTable, only those shown. With a backbone, rows are also
 decoded (``decode_rows``) and the text runs through the model for gates and predictions; with a
-split memory alone nothing here imports torch. DESIGN.md "lookup --memory", ENGRAM_SPEC.md 4-6.
+split memory alone nothing here imports torch. docs/engram.md sections 4-6.
 """
 
 from __future__ import annotations
@@ -427,7 +427,7 @@ def _measure(result: LookupResult, model: EngramModel, tokenizer: EngramTokenize
 def gates(files: ModelFiles | MemoryFiles, text: str, context: str | None = None,
           layers: list[int] | None = None, branch: int | None = None,
           model: EngramModel | None = None, device: str | None = None) -> GatesResult:
-    """The gate of every Engram layer at every token of ``text`` (ENGRAM_SPEC.md section 5).
+    """The gate of every Engram layer at every token of ``text`` (docs/engram.md section 5).
 
     Args:
         files (`ModelFiles`): a model; a memory alone has no gates.

@@ -3,7 +3,7 @@
 Applies the declared tables of layouts/ to tensor bytes moved by offset in bounded chunks
 (layouts/write.py, split.py's writer); outputs are built beside their target and renamed last
 (fileio). The provenance file ``import.json`` (IMPORT_JSON) lets export write the source layout
-back bit for bit. ENGRAM_SPEC.md section 7; DESIGN.md "Files on disk".
+back bit for bit. docs/engram.md section 7.
 """
 
 from __future__ import annotations
@@ -476,7 +476,7 @@ def export_model(model: str | Path, layout: str, out: str | Path,
     offsets buffer rebuilt), the backbone as it is, the demo config fields; FP8 tables are
     refused (the demo stores float rows). v4: every shard of the checkpoint the model was
     imported from, the Engram tables, ``wkv``, norms, embedding and head taken from this model
-    (tables in another dtype re-encoded to FP8 per ENGRAM_SPEC.md section 7), every other
+    (tables in another dtype re-encoded to FP8 per docs/engram.md section 7), every other
     tensor from the source; shards without mapped tensors are copied unchanged. With the
     model's ``import.json``, files keep their source headers byte for byte when their tensors
     keep name, dtype and shape, so import then export gives back the same files.

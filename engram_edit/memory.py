@@ -1,7 +1,7 @@
 """MemoryTable: the rows of every Engram layer, read and written row by row without a model.
 
 Rows live in safetensors files (pread, in-place pwrite, never loaded whole) or numpy arrays;
-headers are tensorfile.py's, codecs dtypes.py's (DESIGN.md memory.py, ENGRAM_SPEC.md section 7).
+headers are tensorfile.py's, codecs dtypes.py's (docs/engram.md section 7).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where engram-edit finds and keeps things: the bundled model, the user's working copy, caches.
 
-Which model a verb uses is decided here and nowhere else (DESIGN.md, "Which model a verb uses").
+Which model a verb uses is decided here and nowhere else.
 """
 
 from __future__ import annotations

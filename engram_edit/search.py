@@ -87,7 +87,7 @@ class RowSearch:
 
     A row ``r`` in column ``c`` of a layer adds ``W_c r`` to the value ``v`` (``W_c``: the
     value projection's columns for ``c``), and ``v`` reaches the residual streams with gate
-    <= 1 (ENGRAM_SPEC.md 5). Read out as the model reads its streams at the last layer, with
+    <= 1 (docs/engram.md section 5). Read out as the model reads its streams at the last layer, with
     gate 1 and no later block, its push on the logits is linear:
     ``rho * H diag(g) W_c r / s``, where ``g`` is the final RMSNorm's weight, ``H`` the LM head,
     ``rho`` what the readout makes of equal streams (1 for "mean") and ``s`` the final norm's

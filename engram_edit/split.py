@@ -1,6 +1,6 @@
 """Split a model into backbone + memory, join them back, re-encode a memory's rows; memory.json.
 
-Files only (DESIGN.md "Files on disk"): no torch, no model, no mapping of whole files. Tensor
+Files only: no torch, no model, no mapping of whole files. Tensor
 bytes move by offset in bounded chunks; each output is built beside its target and renamed last.
 """
 
@@ -54,7 +54,7 @@ from engram_edit.tensorwrite import (
 from engram_edit.tokenizer import EngramTokenizer
 
 CONVERT_VALUES = 1 << 20  # values re-encoded at once: 4 MB of float32, ~100 MB of FP8 temporaries
-HISTORY_DIR = ".engram"  # journal, applied patches and lock of a model or memory (DESIGN.md)
+HISTORY_DIR = ".engram"  # journal, applied patches and lock of a model or memory
 LOCK_SUFFIX = ".lock"  # lock files are not carried into a new directory
 DTYPE_ALIASES = {"fp8": "float8_e4m3", "bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 
@@ -71,7 +71,7 @@ def memory_json(config: EngramConfig, tokenizer: EngramTokenizer, fingerprint: s
     2. ``format_version`` (int): ``1``. A reader refuses versions it does not know.
     3. ``fingerprint`` (str): 64 lowercase hex digits, ``checkpoint.fingerprint``: sha256 of
        the canonical JSON of ``{layer_ids, multipliers, primes, pad_id, compression_sha256}``
-       (DESIGN.md). The same string is the ``engram_fingerprint`` entry of
+       (docs/engram.md sections 1-4). The same string is the ``engram_fingerprint`` entry of
        ``memory.safetensors``' ``__metadata__``.
     4. ``hashing`` (object): every ``engram_*`` key of the model's config.json, the derived
        ``engram_compressed_vocab_size`` and ``engram_num_embeddings`` filled in. Readers build
@@ -85,7 +85,7 @@ def memory_json(config: EngramConfig, tokenizer: EngramTokenizer, fingerprint: s
       derived from them and the tensors, stored so a mismatch is caught and named on open.
     - One dtype for all layers: ``split`` refuses a model whose tables differ in dtype.
     - float8_e4m3 rows carry ``.scale`` tensors (F8_E8M0, ``[rows, width / 32]``,
-      ENGRAM_SPEC.md section 7); ``geometry`` does not list them.
+      docs/engram.md section 7); ``geometry`` does not list them.
     - The row dtype may differ from the backbone's (``convert-memory``); nothing else may.
     - Unknown top-level keys are ignored by readers (room for later fields in version 1).
     """
@@ -346,7 +346,7 @@ def join_model(backbone: str | Path, memory: str | Path, out: str | Path, force:
     model), and a copy of the memory's ``.engram/`` folder. Atomic as ``split_model``. The
     backbone of a DeepSeek-V4.1 directory gives that directory back, byte for byte when the
     memory's rows are unchanged (a memory in another dtype is re-encoded to FP8 per
-    ENGRAM_SPEC.md section 7; layouts/v4_split.py).
+    docs/engram.md section 7; layouts/v4_split.py).
 
     Args:
         backbone (`str` or `Path`): the backbone directory (from ``split_model``).
@@ -449,7 +449,7 @@ def convert_memory(memory: str | Path, dtype: str, out: str | Path, force: bool 
     """Write a copy of a memory with its rows re-encoded in another dtype.
 
     Rows are read, decoded to float32 and encoded again (``dtypes.encode``; float8_e4m3 per
-    ENGRAM_SPEC.md section 7, adding ``.scale`` tensors; other dtypes drop them) a chunk of
+    docs/engram.md section 7, adding ``.scale`` tensors; other dtypes drop them) a chunk of
     about ``CONVERT_VALUES`` values at a time, never a whole table. The fingerprint does not
     change, so the result plugs into the same backbone. The ``.engram/`` folder is not carried:
     its patches hold rows in the old dtype and could not be undone against the new rows.

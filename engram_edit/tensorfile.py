@@ -1,6 +1,6 @@
 """safetensors files read by offset: header, tensor locations, sharded indexes and byte ranges.
 
-Implements the format of the safetensors README (DESIGN.md "Files on disk") without torch and
+Implements the format of the safetensors README without torch and
 without loading tensors; decoding the bytes is left to dtypes.py, rows to memory.py.
 """
 

@@ -1,6 +1,6 @@
 """EngramTokenizer: a ``tokenizers`` tokenizer plus the Engram compression table.
 
-Implements ENGRAM_SPEC.md section 1 to the letter. The table is rebuilt from ``tokenizer.json``
+Implements docs/engram.md section 1 to the letter. The table is rebuilt from ``tokenizer.json``
 (never stored in a model), cached in the user cache directory under the file's sha256.
 """
 

@@ -271,7 +271,7 @@ def spec_e4m3(x: float) -> int:
 
 
 def spec_quantize(row: np.ndarray) -> tuple[list[int], list[int]]:
-    """ENGRAM_SPEC.md section 7, block by block of 32 columns."""
+    """docs/engram.md section 7, block by block of 32 columns."""
     codes, scales = [], []
     for block in row.reshape(-1, 32).astype(np.float64):
         amax = max(float(np.abs(block).max()), 1e-4)

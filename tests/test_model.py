@@ -183,7 +183,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _engram_reference(mod: EngramModule, streams: torch.Tensor,
                       rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ENGRAM_SPEC.md section 5, one position and one branch at a time."""
+    """docs/engram.md section 5, one position and one branch at a time."""
     mod = copy.deepcopy(mod).requires_grad_(False)
     bsz, t_len, n, d = streams.shape
     eps = torch.finfo(streams.dtype).eps  # torch's default for the key and query norms

@@ -1,7 +1,7 @@
 """Fact files: JSONL of requested edits, read and validated completely before anything runs.
 
 Owns the Fact value and the two record layouts (EasyEdit fields, CounterFact records); what a
-fact does to the model is locate.py's and distill.py's (DESIGN.md "Fact files").
+fact does to the model is locate.py's and distill.py's.
 """
 
 from __future__ import annotations

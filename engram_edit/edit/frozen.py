@@ -1,6 +1,6 @@
 """The frozen model with some table rows replaced by trainable values: the lookups distill.py
 optimizes and overwrite.py differentiates once, and a forward that reads out only the positions
-that are scored. The model's parameters are never changed here (ENGRAM_SPEC.md section 5).
+that are scored. The model's parameters are never changed here (docs/engram.md section 5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Applying and undoing patches in place, crash-safely: the write protocol and its recovery rule.
 
-Implements DESIGN.md "Patch file": the checks before a write, the journalled write, recovery,
+The patch write protocol: the checks before a write, the journalled write, recovery,
 undo, history and verify. The files of ``.engram/`` (lock, patch copies, history, journal
 record) are store.py's; what a patch holds is patch.py's; where a write may go is target.py's.
 

@@ -4,7 +4,7 @@ Engram layer, and (``--rows final|both``, or ``auto`` when specific) the final p
 the heads whose row is crowded.
 
 Tokenizing facts and hashing them is here; optimizing the rows is distill.py's, writing them
-overwrite.py's and journal.py's (ENGRAM_SPEC.md section 4).
+overwrite.py's and journal.py's (docs/engram.md section 4).
 """
 
 from __future__ import annotations

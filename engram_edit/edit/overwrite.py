@@ -1,6 +1,6 @@
 """overwrite: rows set without an optimization loop. Facts get a closed-form least-squares
-update of the rows locate.py picks, which ends as a Patch built by ``rows.rows_patch``
-(DESIGN.md "Edits"). Setting one n-gram's rows directly is rows.py's (no torch).
+update of the rows locate.py picks, which ends as a Patch built by ``rows.rows_patch``.
+Setting one n-gram's rows directly is rows.py's (no torch).
 
 The closed form, per fact i with margin f_i = log P(target_new) - log P(ground_truth) (sums,
 teacher forced; log P(target_new) alone without a ground truth): one forward and one backward

@@ -1,6 +1,6 @@
 """Rows set directly, without a model (torch-free): one n-gram's rows per hash head, their new
 values (another n-gram's rows, zeros, scaled), and ``rows_patch``, the Patch that stores float
-rows in a table's dtype, which every edit method ends with (DESIGN.md "Edits").
+rows in a table's dtype, which every edit method ends with.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ``.engram/`` folder beside a model's or memory's rows: its files, each written whole.
 
 journal.py decides when each is written (the write protocol and the recovery rule live there);
-this module only knows the layout (DESIGN.md "Patch file"). All writes are atomic (fileio).
+this module only knows the layout. All writes are atomic (fileio).
 
 Layout of ``DIR/.engram/`` (DIR is ``ModelFiles.memory_dir``, where the rows live):
   ``lock``          flock'ed by the one writer, which writes its pid into it; never deleted.

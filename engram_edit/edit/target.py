@@ -1,4 +1,4 @@
-"""Where a writing verb writes: never into the bundled model (DESIGN.md "Which model a verb uses").
+"""Where a writing verb writes: never into the bundled model.
 
 Which model a verb reads is paths.resolve_model's; this module makes the working copy on the
 first write, and removes it on reset. The writing itself is journal.py's.

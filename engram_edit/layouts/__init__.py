@@ -1,6 +1,6 @@
 """Checkpoint layouts engram-edit reads besides its own: the deepseek-ai/Engram demo and
 DeepSeek-V4.1. One module each (demo.py, v4.py) declares the mapping; ``detect`` recognises a
-directory from its config keys and tensor names, never from its path. ENGRAM_SPEC.md section 7.
+directory from its config keys and tensor names, never from its path. docs/engram.md section 7.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A layout module (demo.py, v4.py) is a table of these rules plus the few functions a table cannot
 say; choices follow declared config keys and tensor names, never a path (STYLE.md 12). Reading
-by offset is tensorfile.py's; the rules are applied in interop.py. ENGRAM_SPEC.md section 7.
+by offset is tensorfile.py's; the rules are applied in interop.py. docs/engram.md section 7.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ TensorRule = Rename | Stack | Derived | Keep
 
 @dataclass(frozen=True)
 class HashingProfile:
-    """The hashing rules of a layout, one small replaceable value (ENGRAM_SPEC.md sections 1-4).
+    """The hashing rules of a layout, one small replaceable value (docs/engram.md sections 1-4).
 
     Everything not named here (compression, multipliers, primes, column order) is the spec's rule;
     the geometry (orders, heads, row width, table sizes, rows per layer) comes from the config.

@@ -1,7 +1,7 @@
 """The deepseek-ai/Engram demo layout: its Engram module's tensor names and its config dataclasses.
 
 Declared tables only; interop.py applies them. Verified against ``engram_demo_v1.py`` of
-deepseek-ai/Engram (module and dataclass fields); ENGRAM_SPEC.md sections 2-5 and 7.
+deepseek-ai/Engram (module and dataclass fields); docs/engram.md sections 2-5 and 7.
 
 The demo ships no checkpoint format and mocks its backbone, so this layout is the demo's
 ``Engram`` state_dict under each Engram layer's ``layers.{i}.engram.`` prefix, with every other

@@ -5,7 +5,7 @@ The same definition as ``inspect.decode_rows`` (rows in their columns, every oth
 gate 1), with V4.1's pieces: the value is the last ``hidden`` outputs of ``wkv`` (no bias, no
 ShortConv, v4.wkv_rows), and the streams, all equal to ``v``, collapse to a positive multiple of
 ``v`` (assumed: V4.1 collapses with the last layer's sigmoid pre-mix), which the final RMSNorm
-removes up to its eps. ENGRAM_SPEC.md section 7.
+removes up to its eps. docs/engram.md section 7.
 """
 
 from __future__ import annotations

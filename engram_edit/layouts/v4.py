@@ -3,7 +3,7 @@ and reading such a directory in place, opening only the shards that hold what is
 
 Verified against vLLM's DeepSeek-V4.1 code (vllm-project/vllm: vllm/models/deepseek_v4_1/
 common/engram.py, nvidia/model.py, common/mm_preprocess.py; vllm/transformers_utils/configs/
-deepseek_v41.py); what they do not settle is marked "assumed". ENGRAM_SPEC.md section 7.
+deepseek_v41.py); what they do not settle is marked "assumed". docs/engram.md section 7.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PROFILE = HashingProfile(
              "(build_compressed_token_map, compute_hash_multipliers, EngramLayout, "
              "_hash_ids_kernel) and common/mm_preprocess.py (image_sentinel_mask)")
 
-# The released V4.1-Flash geometry (ENGRAM_SPEC.md section 7); rows are checked, not trusted.
+# The released V4.1-Flash geometry (docs/engram.md section 7); rows are checked, not trusted.
 RELEASE: dict[str, Any] = {
     "engram_layer_ids": [1, 14],
     "engram_max_ngram_size": 4,

@@ -1,5 +1,5 @@
 """split and join of a DeepSeek-V4.1 directory in its own layout: the backbone half and the way
-back (DESIGN.md "Files on disk"; the memory half is split.py's, as for any model).
+back (the memory half is split.py's, as for any model).
 
 The backbone is the directory without its Engram tables (``layers.N.engram.embed.weight`` and
 ``.scale``): every file and shard that holds no table is copied unchanged and never parsed; a
@@ -144,7 +144,7 @@ def join_plan(files: ModelFiles, table: MemoryTable) -> Plan:
     """What the V4.1 directory joined from a backbone and ``files.memory`` is made of.
 
     Each shard the record lists is written under its original header: table rows from the
-    memory (re-encoded to FP8 per ENGRAM_SPEC.md section 7 when the memory holds another
+    memory (re-encoded to FP8 per docs/engram.md section 7 when the memory holds another
     dtype), every other tensor from the backbone's shard of that name. A V4.1 directory that
     still holds its tables (no record) gets the memory's rows in its own shards.
 

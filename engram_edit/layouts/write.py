@@ -61,7 +61,7 @@ def constant(data: bytes) -> Producer:
 
 
 def fp8_rows(table: MemoryTable, layer: int, part: str) -> Producer:
-    """A layer's rows re-encoded to FP8 per ENGRAM_SPEC.md section 7 (``part``: data or
+    """A layer's rows re-encoded to FP8 per docs/engram.md section 7 (``part``: data or
     scale), a chunk of rows at a time."""
     def produce() -> Iterator[bytes]:
         rows, width = table.num_rows(layer), table.width(layer)

@@ -1,4 +1,4 @@
-"""The Engram language model (ENGRAM_SPEC.md sections 4-6); see model.py for the whole forward."""
+"""The Engram language model (docs/engram.md sections 4-6); see model.py for the whole forward."""
 
 from engram_edit.model.device import pick_device
 from engram_edit.model.model import EngramModel, ModelOutput

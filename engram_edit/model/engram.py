@@ -1,4 +1,4 @@
-"""The Engram module of one layer (ENGRAM_SPEC.md section 5): gather table rows, gate, ShortConv.
+"""The Engram module of one layer (docs/engram.md section 5): gather table rows, gate, ShortConv.
 
 Row ids come from ``engram_edit.hashing``; the rows come from a row source (placement.py): by
 default the module's own ``embed`` parameter.

@@ -1,4 +1,4 @@
-"""Hyper-connections (ENGRAM_SPEC.md section 6): n residual streams, read by H_pre, written by
+"""Hyper-connections (docs/engram.md section 6): n residual streams, read by H_pre, written by
 H_post, mixed by a doubly stochastic H_res; plus the readout the final norm reads from.
 """
 

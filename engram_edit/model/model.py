@@ -1,7 +1,7 @@
 """EngramModel: token embedding, blocks (Engram, attention, MLP or MoE, each sublayer under a
 hyper-connection), final norm and LM head. Hashing is ``engram_edit.hashing``; weights on disk
 are ``engram_edit.checkpoint``'s business; where the tables live is placement.py's.
-ENGRAM_SPEC.md sections 4-6.
+docs/engram.md sections 4-6.
 """
 
 from __future__ import annotations

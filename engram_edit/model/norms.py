@@ -1,4 +1,4 @@
-"""RMSNorm, over one vector or per hyper-connection branch (ENGRAM_SPEC.md sections 5-6).
+"""RMSNorm, over one vector or per hyper-connection branch (docs/engram.md sections 5-6).
 
 bf16/fp16 inputs are normalised in float32, so autocast keeps the float32 eps of the reference.
 """

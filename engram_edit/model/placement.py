@@ -2,7 +2,7 @@
 
 gpu: a parameter on the model's device (trainable); host: CPU memory, the needed rows copied to
 the device per forward; mmap: read from the memory file on demand. Reading the file is
-memory.py's job, building the model checkpoint.py's (DESIGN.md, memory.py).
+memory.py's job, building the model checkpoint.py's.
 """
 
 from __future__ import annotations
