@@ -57,6 +57,7 @@ import torch
 
 from engram_edit import paths
 from engram_edit.checkpoint import load_model
+from engram_edit.dtypes import dtype_from_safetensors, torch_dtype
 from engram_edit.edit.compute import EditSettings, Method, edit_facts, load_patch_rows
 from engram_edit.edit.facts import Fact, read_facts
 from engram_edit.edit.journal import apply_patch, undo_patch
@@ -161,23 +162,24 @@ BASELINES = [("ft_l", "ft_l", 0, {"norm_constraint": 5e-5}),
              ("memit_loose", "memit", 2, {"lam": 1000.0})]
 
 
-STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
 def baseline_runs(files, model, facts, stream, before: dict) -> dict:
     """Each weight edit of ``BASELINES`` on ``facts``, measured, then undone."""
     tok, settings = files.tokenizer, EditSettings(measure=False)
     reference = neighbour_reference(model, tok, facts)
     windows = measured_windows(stream, settings)
+    moments: dict[int, torch.Tensor] = {}  # per layer, of the unedited model: computed once
     out = {}
     for name, method, layer, extra in BASELINES:
-        stored = STORED[files.tensors[f"layers.{layer}.mlp.down_proj.weight"].dtype]
+        stored = torch_dtype(dtype_from_safetensors(
+            files.tensors[f"layers.{layer}.mlp.down_proj.weight"].dtype))
         if method == "ft_l":
             edit, original = weight_edits.ft_l(model, tok, facts, layer, stored, **extra)
         else:
-            moment = weight_edits.key_moment(model, layer, heldout_windows(
-                stream[len(stream) // 2:], 64, 128))
-            edit, original = weight_edits.memit(model, tok, facts, layer, stored, moment, **extra)
+            if layer not in moments:
+                moments[layer] = weight_edits.key_moment(model, layer, heldout_windows(
+                    stream[len(stream) // 2:], 64, 128))
+            edit, original = weight_edits.memit(model, tok, facts, layer, stored,
+                                                moments[layer], **extra)
         try:
             after = fact_metrics(model, tok, facts, reference, windows)
         finally:

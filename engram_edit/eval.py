@@ -503,18 +503,23 @@ def fact_metrics(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence
         heldout_loss=None if heldout is None else heldout_loss(model, heldout, memory))
 
 
+def _target_scores(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
+                   memory: bool) -> _Scores:
+    """target_new after each fact's prompt, teacher forced."""
+    pairs = [_encode(tokenizer, f.prompt, f.target_new) for f in facts]
+    return _teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs], memory)
+
+
 def target_leads(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
                  memory: bool = True) -> np.ndarray:
     """Per fact, the least margin in nats by which a token of target_new is the top-1 after its
     prompt, teacher forced (``[n]``; negative where another token wins somewhere): the fact is
     said when it is positive."""
-    pairs = [_encode(tokenizer, f.prompt, f.target_new) for f in facts]
-    return _teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs], memory).lead
+    return _target_scores(model, tokenizer, facts, memory).lead
 
 
 def greedy_hits(model: EngramModel, tokenizer: EngramTokenizer, facts: Sequence[Fact],
                 memory: bool = True) -> np.ndarray:
     """Per fact, whether its greedy continuation is target_new (bool ``[n]``); the mean is
     ``says``. Used to keep the true facts a model knows, and to check they stay."""
-    pairs = [_encode(tokenizer, f.prompt, f.target_new) for f in facts]
-    return _teacher_forced(model, [p for p, _ in pairs], [a for _, a in pairs], memory).greedy
+    return _target_scores(model, tokenizer, facts, memory).greedy

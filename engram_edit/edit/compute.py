@@ -226,10 +226,7 @@ def _unsolved_facts(model: EngramModel, tok: EngramTokenizer, facts: list[Fact],
         held = 0
         for lid, mine in fact_rows[k].rows.items():
             rows, norm = norms.get(lid, (np.zeros(0, dtype=np.int64), np.zeros(0)))
-            at = np.searchsorted(rows, mine)
-            inside = at < len(rows)
-            found = inside & (rows[np.minimum(at, len(rows) - 1)] == mine)
-            held += int((norm[at[found]] >= 0.99 * bounds[lid]).sum())
+            held += int((norm[np.isin(rows, mine)] >= 0.99 * bounds[lid]).sum())
         shared = sum(any(np.intersect1d(fact_rows[k].rows[lid], fact_rows[j].rows[lid]).size
                          for lid in fact_rows[k].rows) for j in range(len(facts)) if j != k)
         out.append(UnsolvedFact(k, lead, fact_rows[k].count, held, shared))
